@@ -1,0 +1,149 @@
+"""Read trial tables (experiment directories, trials.parquet files, CSVs) into one checked dataframe.
+
+Every problem is reported with the path it came from, because users point this at directories written by long
+sweeps and need to know which file to look at.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+
+from .formatting import is_missing
+from .schema import COMPLETED, HISTORY_COLUMNS, NUMERIC_COLUMNS, REQUIRED_COLUMNS, AnalysisError
+
+TRIALS_FILE = "trials.parquet"
+HISTORY_FILE = "history.parquet"
+ACCEPTED = "an experiment directory (holding trials.parquet), a .parquet file or a .csv file"
+
+
+@dataclass
+class TrialData:
+    """All trials of the inputs (one row each, with a `source` column) and their step history, if any was saved."""
+
+    trials: pd.DataFrame
+    history: pd.DataFrame | None
+    sources: list[str]
+    notes: list[str] = field(default_factory=list)
+    """Things the report should mention that did not stop the analysis (e.g. an unreadable history file)."""
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    try:
+        if path.suffix == ".csv":
+            return pd.read_csv(path)
+        return pd.read_parquet(path)
+    except pd.errors.EmptyDataError:
+        raise AnalysisError(f"{path}: the file is empty; expected a header row of trial columns and one row per trial")
+    except (OSError, ValueError) as err:
+        kind = "CSV" if path.suffix == ".csv" else "parquet"
+        raise AnalysisError(f"{path}: cannot be read as {kind}: {err}") from None
+
+
+def _locate(path: Path) -> tuple[Path, Path | None]:
+    """The trials file behind a user-given path, and the history file saved beside it (if any)."""
+    if not path.exists():
+        raise AnalysisError(f"{path}: no such file or directory; give {ACCEPTED}")
+    if path.is_dir():
+        trials = path / TRIALS_FILE
+        if not trials.is_file():
+            found = ", ".join(sorted(p.name for p in path.iterdir())[:10]) or "nothing"
+            raise AnalysisError(f"{path}: not an experiment directory: it has no {TRIALS_FILE} (it holds: {found})")
+    elif path.suffix in (".parquet", ".csv"):
+        trials = path
+    else:
+        raise AnalysisError(f"{path}: unsupported input {path.suffix or '(no suffix)'}; give {ACCEPTED}")
+    history = trials.parent / HISTORY_FILE
+    return trials, history if history.is_file() and history != trials else None
+
+
+def _source_label(path: Path) -> str:
+    return path.name if path.is_dir() else path.stem
+
+
+def _check_numeric(frame: pd.DataFrame, where: Path) -> pd.DataFrame:
+    frame = frame.copy()
+    for column in NUMERIC_COLUMNS:
+        if column not in frame:
+            continue
+        numbers = pd.to_numeric(frame[column], errors="coerce")
+        bad = numbers.isna() & frame[column].notna()
+        if bad.any():
+            row = int(bad.to_numpy().nonzero()[0][0])
+            raise AnalysisError(f"{where}: column {column} must hold numbers; row {row} has {frame[column].iloc[row]!r}")
+        frame[column] = numbers.astype(float)
+    return frame
+
+
+def normalise_trials(frame: pd.DataFrame, where: Path, label: str) -> pd.DataFrame:
+    """Check one input's columns and fill what the analysis may assume: status, sweep, trial_id and source."""
+    if frame.empty:
+        raise AnalysisError(f"{where}: holds no trials (0 rows)")
+    missing = [c for c in REQUIRED_COLUMNS if c not in frame]
+    if missing:
+        raise AnalysisError(f"{where}: missing column(s) {', '.join(missing)}; a trials table needs "
+                            f"{', '.join(REQUIRED_COLUMNS)} (it has: {', '.join(map(str, frame.columns))})")
+    frame = _check_numeric(frame, where)
+    # Tables without a status column (the published study) list finished trials only.
+    frame["status"] = frame["status"].fillna("unknown").astype(str) if "status" in frame else COMPLETED
+    frame["sweep"] = frame["sweep"].fillna(label).astype(str) if "sweep" in frame else label
+    given = frame["trial_id"] if "trial_id" in frame else [None] * len(frame)
+    frame["trial_id"] = [f"{label}-{i}" if is_missing(t) else str(t) for i, t in enumerate(given)]
+    frame["source"] = str(where)
+    return frame
+
+
+def _read_history(path: Path, notes: list[str]) -> pd.DataFrame | None:
+    try:
+        history = pd.read_parquet(path)
+    except (OSError, ValueError) as err:
+        notes.append(f"{path}: not used for loss curves, it cannot be read: {err}")
+        return None
+    missing = [c for c in HISTORY_COLUMNS if c not in history]
+    if missing:
+        notes.append(f"{path}: not used for loss curves, it lacks column(s) {', '.join(missing)}")
+        return None
+    history = history.copy()
+    history["trial_id"] = history["trial_id"].astype(str)
+    return history
+
+
+def load_trials(paths: Sequence[str | Path]) -> TrialData:
+    """Read and combine the inputs; raise AnalysisError naming the path on anything unusable."""
+    if not paths:
+        raise AnalysisError(f"no input given; give {ACCEPTED}")
+    frames, histories, sources, notes = [], [], [], []
+    for given in map(Path, paths):
+        trials_path, history_path = _locate(given)
+        frames.append(normalise_trials(_read_table(trials_path), trials_path, _source_label(given)))
+        sources.append(str(trials_path))
+        if history_path is not None:
+            history = _read_history(history_path, notes)
+            if history is not None:
+                histories.append(history)
+    trials = pd.concat(frames, ignore_index=True)
+    repeated = trials["trial_id"][trials["trial_id"].duplicated()]
+    if not repeated.empty:
+        trial_id = repeated.iloc[0]
+        where = sorted(set(trials.loc[trials["trial_id"] == trial_id, "source"]))
+        raise AnalysisError(f"trial_id {trial_id!r} appears more than once (in {', '.join(where)}); "
+                            "was the same experiment given twice?")
+    history = pd.concat(histories, ignore_index=True) if histories else None
+    return TrialData(trials=trials, history=history, sources=sources, notes=notes)
+
+
+def split_completed(trials: pd.DataFrame, sources: Sequence[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Trials that count (completed with a train_loss) and the rest, which the report lists with their status."""
+    counts = trials["status"] == COMPLETED
+    done = trials[counts & trials["train_loss"].notna()].reset_index(drop=True)
+    others = trials[~(counts & trials["train_loss"].notna())].reset_index(drop=True)
+    if done.empty:
+        statuses = ", ".join(f"{status} {n}" for status, n in trials["status"].value_counts().items())
+        errors = trials["error"].dropna().astype(str) if "error" in trials else pd.Series(dtype=str)
+        first = f"; first error: {errors.iloc[0][:300]}" if not errors.empty else ""
+        raise AnalysisError(f"none of the {len(trials)} trials in {', '.join(sources)} completed with a train_loss "
+                            f"(statuses: {statuses}){first}; nothing to analyse")
+    return done, others

@@ -1,0 +1,106 @@
+"""From input paths to everything the analysis writes: `analyse` computes, `write_outputs` saves."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+
+from .compare import compare_with_reference
+from .derive import add_derived
+from .load import TrialData, load_trials, split_completed
+from .pareto import DEFAULT_FRONTS, Front, check_objectives, front_name, on_front, pareto_table
+from .plots import plot_fronts, plot_loss_curves, plot_spreads
+from .presets import Preset, PresetRules, choose_presets, write_presets
+from .report import to_html, to_markdown
+from .sections import report_blocks
+from .tables import DEFAULT_TIER_THRESHOLDS, dimension_spreads, sweep_table
+
+
+@dataclass(frozen=True)
+class Settings:
+    fronts: tuple[Front, ...] = DEFAULT_FRONTS
+    rules: PresetRules = PresetRules()
+    tier_thresholds: tuple[float, ...] = DEFAULT_TIER_THRESHOLDS
+
+
+@dataclass
+class Analysis:
+    data: TrialData
+    done: pd.DataFrame
+    """Completed trials with derived columns (improvement, efficiency, label)."""
+    others: pd.DataFrame
+    """Trials that do not count (failed, diverged, running, or without train_loss)."""
+    settings: Settings
+    pareto: pd.DataFrame
+    sweep_tables: dict[str, pd.DataFrame]
+    spreads: pd.DataFrame
+    presets: list[Preset]
+    reference: pd.DataFrame | None = None
+    comparison: pd.DataFrame | None = None
+    unmatched_reference: int = 0
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def _front_marks(sweep: pd.DataFrame, fronts: Sequence[Front]) -> pd.Series:
+    """Per trial, the numbers (1-based) of the fronts it is on within its sweep, e.g. `1,3`."""
+    marks = pd.Series("", index=sweep.index, dtype=object)
+    for number, front in enumerate(fronts, start=1):
+        member = on_front(sweep, front)
+        marks[member] = marks[member].map(lambda m, n=number: f"{m},{n}" if m else str(n))
+    return marks
+
+
+def analyse(paths: Sequence[str | Path], reference: str | Path | None = None,
+            settings: Settings = Settings()) -> Analysis:
+    """Load the inputs and compute fronts, tables, spreads, presets and the reference comparison."""
+    data = load_trials(paths)
+    check_objectives(data.trials, settings.fronts)
+    done, others = split_completed(data.trials, data.sources)
+    done = add_derived(done)
+    tables = {str(name): sweep_table(sweep, _front_marks(sweep, settings.fronts), settings.tier_thresholds)
+              for name, sweep in done.groupby("sweep", sort=False)}
+    spreads = dimension_spreads(done)
+    analysis = Analysis(data, done, others, settings, pareto_table(done, settings.fronts), tables, spreads,
+                        choose_presets(done, spreads, settings.rules))
+    if reference is not None:
+        analysis.reference = load_trials([reference]).trials
+        analysis.comparison, analysis.unmatched_reference = compare_with_reference(done, analysis.reference)
+    return analysis
+
+
+def default_output(path: str | Path) -> Path:
+    """Beside the input: `<experiment dir>/analysis`, or `<file stem>_analysis` next to a file."""
+    path = Path(path)
+    return path / "analysis" if path.is_dir() else path.parent / f"{path.stem}_analysis"
+
+
+def write_outputs(analysis: Analysis, out: Path) -> dict[str, Path]:
+    """Write plots, presets, pareto.parquet, report.md and report.html under `out`; return what was written."""
+    out.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Path] = {}
+    for front, path in zip(analysis.settings.fronts, plot_fronts(analysis.done, analysis.others,
+                                                                  list(analysis.settings.fronts), out / "plots")):
+        files[f"plot {front_name(front)}"] = path
+    for name, path in (("plot spreads", plot_spreads(analysis.spreads, out / "plots" / "what_mattered.png")),
+                       ("plot loss curves", plot_loss_curves(analysis.data.history, analysis.done,
+                                                             out / "plots" / "loss_curves.png"))):
+        if path is not None:
+            files[name] = path
+    for path in write_presets(analysis.presets, out / "presets"):
+        files[f"preset {path.stem}"] = path
+    files["pareto"] = out / "pareto.parquet"
+    analysis.pareto.to_parquet(files["pareto"], index=False)
+    analysis.files = files
+    blocks = report_blocks(analysis, out)
+    files["report.md"], files["report.html"] = out / "report.md", out / "report.html"
+    files["report.md"].write_text(to_markdown(blocks))
+    files["report.html"].write_text(to_html(blocks, "tune_lfm analysis"))
+    return files
+
+
+def printable(analysis: Analysis, out: Path) -> str:
+    """The report's text without image links, for the terminal."""
+    return to_markdown(report_blocks(analysis, out), images=False)

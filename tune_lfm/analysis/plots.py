@@ -1,0 +1,163 @@
+"""PNG plots: one figure per Pareto front (a panel per sweep and one for all sweeps), the loss spread per setting,
+and loss curves from history.parquet when it exists.
+
+Uses matplotlib's object API with the Agg canvas (no pyplot state, no display needed).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from .pareto import EXPERIMENT, Front, front_name, on_front, scopes
+from .tables import DIMENSION_NAMES
+
+MAX_LABELLED = 12
+"""Panels with at most this many trials label every trial; larger ones label only the front."""
+FRONT_COLOUR, OTHER_COLOUR = "tab:red", "0.6"
+DPI = 80
+
+
+def _figure(panels: int, width: float = 5.0, height: float = 4.0) -> tuple[Figure, list]:
+    columns = min(3, panels)
+    rows = math.ceil(panels / columns)
+    figure = Figure(figsize=(width * columns, height * rows), layout="constrained")
+    axes = figure.subplots(rows, columns, squeeze=False).ravel().tolist()
+    for unused in axes[panels:]:
+        unused.set_visible(False)
+    return figure, axes[:panels]
+
+
+def file_stem(front: Front) -> str:
+    return "front_" + "-".join(o.column for o in front)
+
+
+def _axis_label(objective) -> str:
+    return f"{objective.column} ({'lower' if objective.sense == 'min' else 'higher'} is better)"
+
+
+def _wide_range(values: pd.Series) -> bool:
+    values = values.dropna()
+    return not values.empty and values.min() > 0 and values.max() / values.min() > 20
+
+
+def _sizes(values: pd.Series) -> np.ndarray:
+    """Marker areas for a third objective, 20..200 by rank so outliers do not swamp the panel."""
+    ranks = values.rank(pct=True).fillna(0.5).to_numpy()
+    return 20 + 180 * ranks
+
+
+def _draw_not_completed(axis, others: pd.DataFrame, x: str, y: str) -> None:
+    """Failed/diverged trials with metrics, as crosses, inside the completed trials' range (a diverged loss would
+    otherwise squash the panel); those outside are counted in a corner note."""
+    if not {x, y} <= set(others.columns):
+        return
+    measured = others.dropna(subset=[x, y])
+    (x0, x1), (y0, y1) = axis.get_xlim(), axis.get_ylim()
+    inside = measured[measured[x].between(x0, x1) & measured[y].between(y0, y1)]
+    axis.autoscale(False)
+    if not inside.empty:
+        axis.scatter(inside[x], inside[y], marker="x", color="black", label="not completed")
+        for _, row in inside.iterrows():
+            axis.annotate(row["status"], (row[x], row[y]), fontsize=7, xytext=(3, -8), textcoords="offset points")
+    outside = measured.drop(inside.index)
+    if not outside.empty:
+        counts = ", ".join(f"{n} {s}" for s, n in outside["status"].value_counts().items())
+        axis.text(0.99, 0.99, f"off the axes: {counts}", transform=axis.transAxes, ha="right", va="top", fontsize=7)
+
+
+def _front_panel(axis, trials: pd.DataFrame, others: pd.DataFrame, front: Front, title: str, labels: pd.Series):
+    x, y = front[0].column, front[1].column
+    members = on_front(trials, front)
+    sizes = _sizes(trials[front[2].column]) if len(front) > 2 else np.full(len(trials), 40.0)
+    axis.scatter(trials[x], trials[y], s=sizes, color=OTHER_COLOUR, alpha=0.7, label="completed")
+    axis.scatter(trials.loc[members, x], trials.loc[members, y], s=sizes[members.to_numpy()], color=FRONT_COLOUR,
+                 edgecolor="black", zorder=3, label="Pareto front")
+    if len(front) == 2:
+        path = trials[members].sort_values([x, y])
+        axis.plot(path[x], path[y], color=FRONT_COLOUR, linewidth=1, zorder=2)
+    label_all = len(trials) <= MAX_LABELLED
+    for index, row in trials.iterrows():
+        if members[index] or label_all:
+            axis.annotate(labels[index], (row[x], row[y]), fontsize=7, xytext=(4, 3), textcoords="offset points",
+                          color="black" if members[index] else "0.4")
+    for column, setter in ((x, axis.set_xscale), (y, axis.set_yscale)):
+        if column == "trainable_params" or _wide_range(trials[column]):
+            setter("log")
+    axis.margins(x=0.12, y=0.08)
+    _draw_not_completed(axis, others, x, y)
+    axis.set_xlabel(_axis_label(front[0]))
+    axis.set_ylabel(_axis_label(front[1]))
+    suffix = f"; marker size: {front[2].column}" if len(front) > 2 else ""
+    axis.set_title(title + suffix, fontsize=9)
+    axis.grid(alpha=0.3)
+
+
+def plot_fronts(done: pd.DataFrame, others: pd.DataFrame, fronts: list[Front], directory: Path) -> list[Path]:
+    """One PNG per front; every trial drawn, the front highlighted and labelled by what varied in its sweep."""
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for front in fronts:
+        parts = scopes(done)
+        figure, axes = _figure(len(parts))
+        for axis, (kind, name, trials) in zip(axes, parts):
+            in_scope = others if kind == EXPERIMENT else others[others["sweep"] == name]
+            labels = (trials["sweep"] + ": " + trials["label"]) if kind == EXPERIMENT else trials["label"]
+            _front_panel(axis, trials, in_scope, front, f"{kind} {name}" if kind != EXPERIMENT else name, labels)
+        axes[0].legend(fontsize=7, loc="best")
+        figure.suptitle(f"Pareto front: {front_name(front)}")
+        path = directory / f"{file_stem(front)}.png"
+        figure.savefig(path, dpi=DPI, pil_kwargs={"optimize": True})
+        written.append(path)
+    return written
+
+
+def plot_spreads(spreads: pd.DataFrame, path: Path) -> Path | None:
+    """Horizontal bars: worst/best train_loss ratio attributable to each setting."""
+    if spreads.empty:
+        return None
+    ordered = spreads.iloc[::-1]
+    figure = Figure(figsize=(7, 0.5 * len(ordered) + 1.5), layout="constrained")
+    axis = figure.subplots()
+    names = [DIMENSION_NAMES[d] for d in ordered["dimension"]]
+    axis.barh(names, ordered["ratio"], color="tab:blue")
+    for i, row in enumerate(ordered.itertuples()):
+        axis.annotate(f" {row.ratio:.2f}x  ({row.best_value} {row.best_loss:.3g} -> {row.worst_value} "
+                      f"{row.worst_loss:.3g})", (row.ratio, i), va="center", fontsize=7)
+    axis.set_xlim(1, 1 + max(ordered["ratio"].max() - 1, 0.05) * 2.2)
+    axis.set_xlabel("worst / best train_loss")
+    axis.set_title("What mattered most: loss spread per setting", fontsize=10)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=DPI, pil_kwargs={"optimize": True})
+    return path
+
+
+def plot_loss_curves(history: pd.DataFrame | None, done: pd.DataFrame, path: Path) -> Path | None:
+    """Training loss per step, a panel per sweep, for completed trials that have a history."""
+    if history is None:
+        return None
+    history = history[history["trial_id"].isin(done["trial_id"])]
+    if history.empty:
+        return None
+    sweeps = [(name, sweep) for name, sweep in done.groupby("sweep", sort=False)
+              if sweep["trial_id"].isin(history["trial_id"]).any()]
+    figure, axes = _figure(len(sweeps))
+    for axis, (name, sweep) in zip(axes, sweeps):
+        for _, trial in sweep.iterrows():
+            steps = history[history["trial_id"] == trial["trial_id"]].sort_values("step")
+            if not steps.empty:
+                axis.plot(steps["step"], steps["loss"], linewidth=1, label=trial["label"])
+        if len(sweep) <= MAX_LABELLED:
+            axis.legend(fontsize=7)
+        axis.set_title(f"sweep {name}", fontsize=9)
+        axis.set_xlabel("step")
+        axis.set_ylabel("training loss")
+        axis.grid(alpha=0.3)
+    figure.suptitle("Loss curves (history.parquet)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=DPI, pil_kwargs={"optimize": True})
+    return path

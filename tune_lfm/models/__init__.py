@@ -1,0 +1,122 @@
+"""Where a model comes from: a hub id, a local directory, or `tiny-lfm2`, the model embedded in this package.
+
+LFM2.5-230M's config ships with the package so its architecture (and so every adapter size) is known offline; its
+weights still come from the hub or the local Hugging Face cache.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import EMBEDDED_MODEL
+
+PACKAGE_DIR = Path(__file__).parent
+EMBEDDED_DIR = PACKAGE_DIR / "tiny_lfm2"
+SHIPPED_CONFIGS = {
+    "LiquidAI/LFM2.5-230M": PACKAGE_DIR / "lfm2_5_230m",
+    "LiquidAI/LFM2.5-230M-Base": PACKAGE_DIR / "lfm2_5_230m",
+}
+
+
+class ModelNotFoundError(RuntimeError):
+    """The model could not be found; the message lists where we looked and how to fix it."""
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A resolved `--model` value: `source` is what transformers loads (a directory or a hub id)."""
+
+    name: str
+    source: str
+    kind: str  # "embedded" | "local" | "hub"
+
+    @property
+    def embedded(self) -> bool:
+        return self.kind == "embedded"
+
+
+def resolve_model(name: str) -> ModelRef:
+    if name == EMBEDDED_MODEL:
+        return ModelRef(name, str(EMBEDDED_DIR), "embedded")
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"--model {name}: the directory exists but has no config.json")
+        return ModelRef(name, str(path.resolve()), "local")
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise ModelNotFoundError(
+            f"--model {name}: not a directory, not a hub id of the form owner/name, and not '{EMBEDDED_MODEL}'"
+        )
+    return ModelRef(name, name, "hub")
+
+
+def _not_found(ref: ModelRef, err: Exception) -> ModelNotFoundError:
+    cache = os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub"
+    )
+    offline = os.environ.get("HF_HUB_OFFLINE", "0")
+    return ModelNotFoundError(
+        f"Could not load model '{ref.name}'. Looked in: the Hugging Face hub (HF_HUB_OFFLINE={offline}) and the "
+        f"local cache {cache}; it is not a local directory nor the embedded '{EMBEDDED_MODEL}'. "
+        f"Fix: run once with internet access (or `hf download {ref.name}`), pass --model /path/to/a/model/dir, "
+        f"or use --model {EMBEDDED_MODEL} / --scale tiny to run offline. ({type(err).__name__}: {err})"
+    )
+
+
+def load_model_config(ref: ModelRef):
+    """The model's transformers config without a network round trip when possible.
+
+    Order: the local directory or Hugging Face cache, then the config shipped for known ids, then the hub.
+    """
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(ref.source, local_files_only=True)
+    except OSError:
+        pass
+    shipped = SHIPPED_CONFIGS.get(ref.name)
+    if shipped is not None:
+        return AutoConfig.from_pretrained(str(shipped))
+    try:
+        return AutoConfig.from_pretrained(ref.source)
+    except OSError as err:
+        raise _not_found(ref, err) from err
+
+
+def build_meta_model(ref: ModelRef):
+    """The model's module tree with no weights (meta device): enough to count and name every LoRA target."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = load_model_config(ref)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def load_tokenizer(ref: ModelRef):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(ref.source)
+    except OSError as err:
+        raise _not_found(ref, err) from err
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.chat_template is None:
+        raise ModelNotFoundError(
+            f"model '{ref.name}' has no chat template; tune_lfm trains on chat conversations and needs one"
+        )
+    return tokenizer
+
+
+def load_model(ref: ModelRef, dtype, device):
+    """Weights onto `device` in `dtype`; a missing model raises ModelNotFoundError naming where we looked."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(ref.source, dtype=dtype)
+    except OSError as err:
+        raise _not_found(ref, err) from err
+    return model.to(device)

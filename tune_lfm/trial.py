@@ -1,0 +1,274 @@
+"""One trial: a TRL SFTTrainer run of a PEFT LoRA adapter, measured the same way every time. No Ray in here.
+
+The recipe reads top to bottom: load model and tokenizer, prepare the dataset subset and the probe set, attach LoRA to
+the resolved target modules, train with the chosen optimizer, then measure held-out loss with the adapter on and off,
+KL from the base model on the probe set, and speed. `run_trial(config)` returns one flat result dict;
+`python -m tune_lfm.trial ...` prints it as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .config import FIELD_NAMES, ConfigError, TrialConfig, config_from_dict, load_config_file
+from .targets import ResolvedTargets, parse_targets_arg
+
+Reporter = Callable[[dict[str, Any]], None]
+"""Receives one dict per logged step: step, loss, learning_rate, grad_norm, tokens_seen, tokens_per_s, elapsed_s."""
+
+TRAIN_LOSS_TAIL = 0.10
+"""train_loss is the mean logged loss over the last 10% of steps (at least one), smoothing step-to-step noise."""
+
+
+@dataclass
+class PreparedData:
+    """A trial's tokenized inputs; identical configs share one (see `prepare_data`)."""
+
+    train: list[dict]
+    eval: list[dict]
+    probe: list[dict]
+    rows_skipped: int
+    rows_dropped: int
+    source: str
+
+
+def select_device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def use_bf16(config: TrialConfig, device) -> bool:
+    import torch
+
+    if config.precision == "fp32":
+        return False
+    supported = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if config.precision == "bf16" and not supported:
+        raise ConfigError(f"precision: bf16 was asked for but {device} does not support it; use auto or fp32")
+    return supported
+
+
+def prepare_data(config: TrialConfig, tokenizer) -> PreparedData:
+    """Dataset subset -> chat messages -> tokens with assistant-only labels, plus the fixed probe set."""
+    from .data.loading import load_dataset_split
+    from .data.probe import load_probe
+    from .data.registry import resolve_dataset
+    from .data.tokens import tokenize_conversations
+
+    spec = resolve_dataset(config.dataset, config.user_datasets)
+    num_train = config.num_examples or config.max_steps * config.effective_batch
+    loaded = load_dataset_split(spec, num_train, config.eval_examples, embedded=config.uses_embedded_data,
+                                seed=config.seed)
+    if not loaded.train:
+        raise ValueError(f"dataset '{config.dataset}' gave no valid training rows ({loaded.rows_skipped} malformed)")
+    train = tokenize_conversations(tokenizer, loaded.train, config.max_length)
+    held_out = tokenize_conversations(tokenizer, loaded.eval, config.max_length)
+    probe = tokenize_conversations(tokenizer, load_probe(), config.max_length)
+    return PreparedData(train.examples, held_out.examples, probe.examples, loaded.rows_skipped,
+                        train.dropped + held_out.dropped, loaded.source)
+
+
+def attach_lora(model, config: TrialConfig) -> tuple[Any, ResolvedTargets]:
+    from peft import LoraConfig, get_peft_model
+
+    from .targets import needs_hub_layers, parse_spec, resolve_hub_layers, resolve_targets
+
+    specs = parse_spec(config.lora_targets)
+    hubs = resolve_hub_layers(config.model, config.hub_layers) if needs_hub_layers(specs) else config.hub_layers
+    resolved = resolve_targets(model, specs, hubs)
+    lora = LoraConfig(r=config.lora_rank, lora_alpha=config.resolved_lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=list(resolved.module_names), bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, lora), resolved
+
+
+def _step_recorder(reporter: Reporter | None):
+    """A TrainerCallback that logs every step, stops on a non-finite loss, and forwards steps to `reporter`."""
+    from transformers import TrainerCallback
+
+    class StepRecorder(TrainerCallback):
+        def __init__(self):
+            self.history: list[dict[str, Any]] = []
+            self.diverged_at: int | None = None
+            self.started = self.finished = 0.0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.finished = time.perf_counter()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not logs or "loss" not in logs:
+                return
+            elapsed = time.perf_counter() - self.started
+            row = {"step": state.global_step, "loss": float(logs["loss"]),
+                   "learning_rate": float(logs.get("learning_rate", math.nan)),
+                   "grad_norm": float(logs.get("grad_norm", math.nan)),
+                   "tokens_seen": int(state.num_input_tokens_seen), "elapsed_s": elapsed,
+                   "tokens_per_s": state.num_input_tokens_seen / elapsed if elapsed > 0 else math.nan}
+            self.history.append(row)
+            if not math.isfinite(row["loss"]):
+                self.diverged_at = state.global_step
+                control.should_training_stop = True
+            if reporter is not None:
+                reporter(row)
+
+    return StepRecorder()
+
+
+def _sft_config(config: TrialConfig, output_dir: str, bf16: bool, progress: bool):
+    from trl import SFTConfig
+
+    from .optim import uses_own_schedule
+
+    return SFTConfig(
+        output_dir=output_dir, max_steps=config.max_steps, per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum, learning_rate=config.learning_rate,
+        lr_scheduler_type="constant" if uses_own_schedule(config.optimizer) else config.lr_scheduler,
+        warmup_steps=config.warmup_steps, weight_decay=config.weight_decay, max_length=config.max_length,
+        packing=config.packing, gradient_checkpointing=config.gradient_checkpointing, bf16=bf16, fp16=False,
+        seed=config.seed, data_seed=config.seed, logging_steps=config.logging_steps, logging_nan_inf_filter=False,
+        include_num_input_tokens_seen="non_padding", save_strategy="no", eval_strategy="no", report_to="none",
+        disable_tqdm=not progress, dataloader_num_workers=0, use_cpu=not _cuda_available(),
+    )
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _train_loss(history: list[dict]) -> float:
+    losses = [row["loss"] for row in history]
+    if not losses:
+        return math.nan
+    tail = max(1, round(len(losses) * TRAIN_LOSS_TAIL))
+    return sum(losses[-tail:]) / tail
+
+
+def run_trial(config: TrialConfig, reporter: Reporter | None = None, save_adapter: str | None = None,
+              progress: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train one adapter and measure it. Raises on bad input; a NaN/inf loss returns status `diverged`."""
+    import torch
+    from datasets import Dataset
+    from transformers import PrinterCallback, set_seed
+    from trl import SFTTrainer
+
+    from . import metrics
+    from .models import load_model, load_tokenizer, resolve_model
+    from .optim import build_optimizer, prepare_for_eval
+
+    wall_start = time.perf_counter()
+    set_seed(config.seed)
+    device = select_device()
+    bf16 = use_bf16(config, device)
+    ref = resolve_model(config.model)
+    if ref.embedded or config.uses_embedded_data:
+        log(f"[tune_lfm] running on EMBEDDED {'model ' + ref.name if ref.embedded else 'model weights from ' + ref.name}"
+            f"{' and embedded data' if config.uses_embedded_data else ''} — for tests and CPU runs, not real results")
+    metrics.reset_peak_memory(device)
+
+    tokenizer = load_tokenizer(ref)
+    data = prepare_data(config, tokenizer)
+    model = load_model(ref, torch.bfloat16 if bf16 else torch.float32, device)
+    model, targets = attach_lora(model, config)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+
+    recorder = _step_recorder(reporter)
+    optimizer = build_optimizer(config.optimizer, model.parameters(), config.learning_rate, config.weight_decay)
+    with tempfile.TemporaryDirectory(prefix="tune_lfm_trial_") as output_dir:
+        trainer = SFTTrainer(model=model, args=_sft_config(config, output_dir, bf16, progress),
+                             train_dataset=Dataset.from_list(data.train), processing_class=tokenizer,
+                             optimizers=(optimizer, None), callbacks=[recorder])
+        trainer.remove_callback(PrinterCallback)  # it prints log dicts to stdout, where our JSON goes
+        trainer.train()
+    prepare_for_eval(optimizer)
+    model.eval()
+
+    pad = tokenizer.pad_token_id
+    eval_loss = metrics.mean_token_loss(model, data.eval, config.kl_batch_size, pad, device, adapter=True)
+    base_loss = metrics.mean_token_loss(model, data.eval, config.kl_batch_size, pad, device, adapter=False)
+    kl = metrics.kl_summary(metrics.per_token_kl(model, data.probe, config.kl_batch_size, pad, device))
+    if save_adapter:
+        model.save_pretrained(save_adapter)
+
+    train_s = recorder.finished - recorder.started
+    tokens = int(trainer.state.num_input_tokens_seen)
+    result = {
+        **{name: getattr(config, name) for name in FIELD_NAMES},
+        "lora_alpha": config.resolved_lora_alpha, "lora_targets": config.targets_label(),
+        "status": "diverged" if recorder.diverged_at is not None else "completed",
+        "error": f"non-finite loss at step {recorder.diverged_at}" if recorder.diverged_at is not None else None,
+        "train_loss": _train_loss(recorder.history), "eval_loss": eval_loss, "base_loss": base_loss, **kl,
+        "trainable_params": trainable, "total_params": total, "target_modules": len(targets.module_names),
+        "target_layers": list(targets.layers), "steps_completed": int(trainer.state.global_step),
+        "tokens_trained": tokens, "train_s": train_s, "tokens_per_s": tokens / train_s if train_s > 0 else math.nan,
+        "wall_s": time.perf_counter() - wall_start, "peak_mem_gb": metrics.peak_memory_gb(device),
+        "rows_skipped": data.rows_skipped, "rows_dropped": data.rows_dropped, "train_rows": len(data.train),
+        "data_source_used": data.source, "model_kind": ref.kind, "device": str(device),
+        "precision_used": "bf16" if bf16 else "fp32", "history": recorder.history,
+    }
+    return result
+
+
+def _cli_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    mapping = {"model": args.model, "dataset": args.dataset, "optimizer": args.optimizer, "learning_rate": args.lr,
+               "lora_rank": args.rank, "lora_targets": args.targets, "max_steps": args.steps,
+               "num_examples": args.num_examples, "seed": args.seed, "max_length": args.max_length,
+               "batch_size": args.batch_size, "grad_accum": args.grad_accum, "data_source": args.data_source}
+    if args.hub_layers:
+        mapping["hub_layers"] = [int(i) for i in args.hub_layers.split(",")]
+    return {key: value for key, value in mapping.items() if value is not None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tune_lfm.trial",
+                                     description="Run one LoRA SFT trial and print its result as JSON.")
+    parser.add_argument("--config", help="YAML file of trial settings (e.g. an analysis preset); flags override it")
+    parser.add_argument("--model")
+    parser.add_argument("--dataset")
+    parser.add_argument("--optimizer")
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--rank", type=int)
+    parser.add_argument("--targets", help="target preset name or inline YAML spec")
+    parser.add_argument("--hub-layers", help="comma-separated layer indices")
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--num-examples", type=int)
+    parser.add_argument("--max-length", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--grad-accum", type=int)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--data-source", choices=["auto", "embedded", "hub"])
+    parser.add_argument("--save-adapter", metavar="DIR")
+    parser.add_argument("--history", action="store_true", help="include the per-step history in the JSON")
+    args = parser.parse_args(argv)
+
+    try:
+        base = load_config_file(args.config).to_dict() if args.config else {}
+        overrides = _cli_overrides(args)
+        if "lora_targets" in overrides:
+            overrides["lora_targets"] = parse_targets_arg(overrides["lora_targets"])
+        config = config_from_dict({**base, **overrides}, where=args.config or "command line")
+        result = run_trial(config, save_adapter=args.save_adapter, progress=sys.stderr.isatty(),
+                           log=lambda line: print(line, file=sys.stderr))
+    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if not args.history:
+        result.pop("history")
+    print(json.dumps(result, indent=2, default=str))
+    return 0 if result["status"] == "completed" else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
