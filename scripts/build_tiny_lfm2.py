@@ -21,7 +21,6 @@ import json
 import math
 import platform
 import re
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -81,7 +80,7 @@ xml.dom.minidom xml.etree.ElementTree xml.sax zipfile zipimport zlib zoneinfo
 LAYER_TYPES = ["conv", "conv", "full_attention", "conv", "full_attention", "conv"]  # LFM2.5's pattern, 6 layers
 MIN_DOC_CHARS = 40  # shorter docstrings ("Return self==value.") are boilerplate repeated across classes
 HELDOUT_EVERY = 20  # every 20th document goes to the held-out split that measures the base distribution
-EVAL_BLOCKS = 48  # held-out blocks scored at each evaluation
+EVAL_BLOCKS = 48  # blocks scored at each evaluation, spread evenly over the split
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -242,6 +241,11 @@ def pack_blocks(tokenizer: Tokenizer, texts: list[str], block_len: int) -> torch
     return torch.tensor(ids[: n_blocks * block_len], dtype=torch.long).view(n_blocks, block_len)
 
 
+def spread(blocks: torch.Tensor, n: int) -> torch.Tensor:
+    """At most n blocks taken evenly across the tensor, so an evaluation sees every source of the corpus."""
+    return blocks[:: max(1, len(blocks) // n)][:n]
+
+
 def build_model(args: argparse.Namespace, max_length: int) -> Lfm2ForCausalLM:
     config = Lfm2Config(
         vocab_size=args.vocab_size,
@@ -302,14 +306,14 @@ def pretrain(model: Lfm2ForCausalLM, train: torch.Tensor, heldout: torch.Tensor,
         lr=args.lr,
         betas=(0.9, 0.95),
     )
-    heldout = heldout[:EVAL_BLOCKS]
+    heldout = spread(heldout, EVAL_BLOCKS)
     curve = {"step": [], "train_loss": [], "heldout_loss": []}
     order, cursor, window, started = torch.randperm(len(train), generator=generator), 0, [], time.time()
     model.train()
     for step in range(args.steps + 1):
         if step % args.eval_every == 0 or step == args.steps:
             heldout_loss = mean_loss(model, heldout, args.batch_size)
-            train_loss = sum(window) / len(window) if window else mean_loss(model, train[:EVAL_BLOCKS], args.batch_size)
+            train_loss = sum(window) / len(window) if window else mean_loss(model, spread(train, EVAL_BLOCKS), args.batch_size)
             curve["step"].append(step)
             curve["train_loss"].append(round(train_loss, 4))
             curve["heldout_loss"].append(round(heldout_loss, 4))
@@ -347,6 +351,45 @@ def sha256_text(texts: list[str]) -> str:
     return digest.hexdigest()
 
 
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def build_info(args, corpus: dict, model, curve: dict, heldout_by_source: dict, timings: dict) -> dict:
+    """Everything needed to rebuild the model and to judge its base distribution."""
+    files = sorted(p for p in args.out.iterdir() if p.is_file() and p.name != "BUILD_INFO.json")
+    return {
+        "script": "scripts/build_tiny_lfm2.py",
+        "parameters": {k: v for k, v in sorted(vars(args).items()) if k != "out"},
+        "seed": args.seed,
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "tokenizers": tokenizers.__version__,
+        },
+        "architecture": {"layer_types": LAYER_TYPES, "parameters": sum(p.numel() for p in model.parameters())},
+        "corpus": corpus,
+        "pretraining": {
+            "uniform_loss": round(math.log(model.config.vocab_size), 4),
+            "initial_loss": curve["train_loss"][0],
+            "final_loss": curve["train_loss"][-1],
+            "initial_heldout_loss": curve["heldout_loss"][0],
+            "final_heldout_loss": curve["heldout_loss"][-1],
+            "final_heldout_loss_by_source": {
+                name: round(mean_loss(model, blocks, args.batch_size), 4) for name, blocks in heldout_by_source.items()
+            },
+            "loss_definition": "mean next-token loss in nats; train_loss at step 0 is measured on training blocks, "
+            "later it is the mean over the steps since the previous evaluation; heldout_loss is measured on up to "
+            f"{EVAL_BLOCKS} held-out blocks (by_source: all held-out blocks of that source)",
+            "tokens_seen": args.steps * args.batch_size * args.block_len,
+            "curve": curve,
+        },
+        "seconds": timings,
+        "files": {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files},
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     started = time.time()
@@ -359,18 +402,34 @@ def main(argv: list[str] | None = None) -> None:
     chats, chat_rows = ([], {}) if args.no_chat_rows else embedded_chat_documents()
     print(f"chat rows: {sum(chat_rows.values())} ({chat_rows or 'not used'})", flush=True)
 
-    documents = [as_pretraining_text(doc) for doc in docstrings + chats]
-    train_docs, heldout_docs = split_heldout(documents)
+    sources = {"docstrings": docstrings, "chats": chats}
+    splits = {name: split_heldout([as_pretraining_text(doc) for doc in docs]) for name, docs in sources.items()}
+    train_docs = [doc for train, _ in splits.values() for doc in train]
     bpe = train_tokenizer(train_docs, args.vocab_size)
     train_blocks = pack_blocks(bpe, train_docs, args.block_len)
-    heldout_blocks = pack_blocks(bpe, heldout_docs, args.block_len)
+    heldout_by_source = {name: pack_blocks(bpe, held, args.block_len) for name, (_, held) in splits.items() if held}
+    heldout_blocks = torch.cat(list(heldout_by_source.values()))
     tokenizer = wrap_tokenizer(bpe, max_length)
     print(f"tokenizer: vocab {len(tokenizer)}; train {train_blocks.numel()} tokens in {len(train_blocks)} blocks, "
           f"held out {heldout_blocks.numel()} tokens in {len(heldout_blocks)} blocks", flush=True)
+    all_docs = [doc for train, held in splits.values() for doc in train + held]
+    corpus = {
+        "sha256": sha256_text(all_docs),
+        "documents": len(all_docs),
+        "characters": sum(map(len, all_docs)),
+        "docstring_documents": len(docstrings),
+        "stdlib_modules": list(STDLIB_MODULES),
+        "stdlib_modules_skipped": skipped_modules,
+        "chat_rows_per_dataset": chat_rows,
+        "chat_part": None if args.no_chat_rows else "train",
+        "heldout_rule": f"every {HELDOUT_EVERY}th document of each source",
+        "train_tokens": train_blocks.numel(),
+        "heldout_tokens": heldout_blocks.numel(),
+    }
+    corpus_s = time.time() - started
 
     model = build_model(args, max_length)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {n_params:,} parameters, layers {LAYER_TYPES}", flush=True)
+    print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, layers {LAYER_TYPES}", flush=True)
     pretrain_started = time.time()
     curve = pretrain(model, train_blocks, heldout_blocks, args)
     pretrain_s = time.time() - pretrain_started
@@ -378,51 +437,14 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
-    files = {p.name: p.stat().st_size for p in sorted(args.out.iterdir()) if p.is_file() and p.name != "BUILD_INFO.json"}
-    build_info = {
-        "script": "scripts/build_tiny_lfm2.py",
-        "command": "python scripts/build_tiny_lfm2.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "parameters": {k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(vars(args).items()) if k != "out"},
-        "seed": args.seed,
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "tokenizers": tokenizers.__version__,
-        },
-        "architecture": {"layer_types": LAYER_TYPES, "parameters": n_params},
-        "corpus": {
-            "sha256": sha256_text(documents),
-            "documents": len(documents),
-            "characters": sum(map(len, documents)),
-            "docstring_documents": len(docstrings),
-            "stdlib_modules": list(STDLIB_MODULES),
-            "stdlib_modules_skipped": skipped_modules,
-            "chat_rows_per_dataset": chat_rows,
-            "chat_part": None if args.no_chat_rows else "train",
-            "heldout_rule": f"every {HELDOUT_EVERY}th document",
-            "train_tokens": train_blocks.numel(),
-            "heldout_tokens": heldout_blocks.numel(),
-        },
-        "pretraining": {
-            "uniform_loss": round(math.log(len(tokenizer)), 4),
-            "initial_loss": curve["train_loss"][0],
-            "final_loss": curve["train_loss"][-1],
-            "initial_heldout_loss": curve["heldout_loss"][0],
-            "final_heldout_loss": curve["heldout_loss"][-1],
-            "loss_definition": "nats per token; step 0: first training blocks, later: mean of the steps since the "
-            "previous evaluation; heldout: the held-out blocks",
-            "tokens_seen": args.steps * args.batch_size * args.block_len,
-            "seconds": round(pretrain_s, 1),
-            "curve": curve,
-        },
-        "build_seconds": round(time.time() - started, 1),
-        "files_bytes": files,
-    }
-    (args.out / "BUILD_INFO.json").write_text(json.dumps(build_info, indent=2) + "\n")
-    print(f"wrote {args.out} ({sum(files.values()) / 1e6:.2f} MB) in {build_info['build_seconds']:.0f}s; "
-          f"loss {curve['train_loss'][0]:.3f} -> train {curve['train_loss'][-1]:.3f} / "
-          f"heldout {curve['heldout_loss'][-1]:.3f}", flush=True)
+    timings = {"corpus_and_tokenizer": round(corpus_s, 1), "pretraining": round(pretrain_s, 1)}
+    info = build_info(args, corpus, model, curve, heldout_by_source, timings)
+    info["seconds"]["total"] = round(time.time() - started, 1)
+    (args.out / "BUILD_INFO.json").write_text(json.dumps(info, indent=2) + "\n")
+    size_mb = sum(f["bytes"] for f in info["files"].values()) / 1e6
+    print(f"wrote {args.out} ({size_mb:.2f} MB) in {info['seconds']['total']:.0f}s; loss {curve['train_loss'][0]:.3f} "
+          f"-> train {curve['train_loss'][-1]:.3f}, held out {curve['heldout_loss'][-1]:.3f} "
+          f"{info['pretraining']['final_heldout_loss_by_source']}", flush=True)
 
 
 if __name__ == "__main__":

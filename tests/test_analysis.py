@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import re
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +15,8 @@ import yaml
 
 from tune_lfm.analysis.__main__ import main
 from tune_lfm.analysis.pareto import on_front, pareto_mask, parse_objectives
-from tune_lfm.analysis.pipeline import analyse
+from tune_lfm.analysis.pipeline import Settings, analyse
+from tune_lfm.analysis.presets import PresetRules
 from tune_lfm.analysis.schema import CONFIG_COLUMNS, AnalysisError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,9 +117,6 @@ def test_reference_efficiency_and_surgical_presets_follow_their_rules(reference)
 
 
 def test_stricter_fraction_changes_the_surgical_choice():
-    from tune_lfm.analysis.pipeline import Settings
-    from tune_lfm.analysis.presets import PresetRules
-
     strict = analyse([REFERENCE], settings=Settings(rules=PresetRules(surgical_fraction=0.9)))
     assert strict.presets[2].trial["kl"] > 0.051
 
@@ -241,6 +239,32 @@ def test_comparison_prefers_specific_then_same_sweep_published_rows(tmp_path):
     assert comparison.loc["mine-1", "published_sweep"] == "duration"  # the row that states num_examples=2000
     assert comparison.loc["mine-1", "published_kl"] == pytest.approx(0.129)
     assert "mine-2" not in comparison.index  # the study never ran tulu3 with lion
+
+
+def test_alpha_tied_to_rank_is_reported_under_rank_and_kept_paired(tmp_path):
+    rows = [("rank", r, 2 * r, 2e-4, 3.0 - 0.1 * r, 0.01 * r) for r in (2, 4, 8)]
+    rows += [("lr", 4, 8, lr, loss, 0.05) for lr, loss in ((1e-4, 2.9), (1e-3, 2.2))]
+    table = pd.DataFrame(rows, columns=["sweep", "lora_rank", "lora_alpha", "learning_rate", "train_loss", "kl"])
+    table["trainable_params"] = table["lora_rank"] * 1000
+    table.to_csv(tmp_path / "t.csv", index=False)
+    result = analyse([tmp_path / "t.csv"])
+    spreads = result.spreads.set_index("dimension")
+    assert "lora_alpha" not in spreads.index
+    assert (spreads.loc["lora_rank", "method"], spreads.loc["lora_rank", "moved_with_it"]) == ("controlled", "lora_alpha")
+    combined = result.presets[-1].config
+    assert (combined["lora_rank"], combined["lora_alpha"], combined["learning_rate"]) == (8, 16, 1e-3)
+
+
+def test_random_search_spreads_are_marked_marginal(tmp_path):
+    rng = np.random.default_rng(0)
+    table = pd.DataFrame({"sweep": "pareto", "learning_rate": rng.uniform(1e-4, 1e-3, 8),
+                          "lora_rank": [2, 4, 8, 16, 4, 8, 16, 2], "optimizer": ["adamw", "lion"] * 4,
+                          "train_loss": rng.uniform(1, 3, 8), "kl": rng.uniform(0, 1, 8),
+                          "trainable_params": rng.integers(1000, 9000, 8)})
+    table.to_csv(tmp_path / "t.csv", index=False)
+    spreads = analyse([tmp_path / "t.csv"]).spreads
+    assert set(spreads["dimension"]) == {"learning_rate", "lora_rank", "optimizer"}
+    assert set(spreads["method"]) == {"marginal"}
 
 
 def test_single_trial_gets_no_efficiency_preset_and_says_why(tmp_path):

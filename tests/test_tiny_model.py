@@ -100,7 +100,12 @@ def test_chat_template_renders_lfm2_chatml(tokenizer):
     assert prompt == "<|startoftext|><|im_start|>user\nWhat does shutil.copytree do?<|im_end|>\n<|im_start|>assistant\n"
 
 
-def test_chat_template_is_prefix_stable_in_text_and_tokens(tokenizer):
+def test_chat_template_is_prefix_stable(tokenizer):
+    """The prompt up to each assistant turn is a string prefix of the conversation including that turn.
+
+    In tokens it is a prefix too unless the reply starts with whitespace: byte-level BPE then joins the newline after
+    "assistant" with that whitespace into one token, which straddles the boundary (LFM2's own tokenizer does the same).
+    """
     for k, message in enumerate(CONVERSATION):
         if message["role"] != "assistant":
             continue
@@ -109,7 +114,7 @@ def test_chat_template_is_prefix_stable_in_text_and_tokens(tokenizer):
         assert full.startswith(prompt)
         prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
         full_ids = tokenizer(full, add_special_tokens=False).input_ids
-        assert full_ids[: len(prompt_ids)] == prompt_ids
+        assert (full_ids[: len(prompt_ids)] == prompt_ids) is not message["content"][0].isspace()
 
 
 def test_system_message_only_first(tokenizer):

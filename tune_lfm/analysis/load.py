@@ -37,7 +37,7 @@ def _read_table(path: Path) -> pd.DataFrame:
             return pd.read_csv(path)
         return pd.read_parquet(path)
     except pd.errors.EmptyDataError:
-        raise AnalysisError(f"{path}: the file is empty; expected a header row of trial columns and one row per trial")
+        raise AnalysisError(f"{path}: the file is empty; expected a header row and one row per trial") from None
     except (OSError, ValueError) as err:
         kind = "CSV" if path.suffix == ".csv" else "parquet"
         raise AnalysisError(f"{path}: cannot be read as {kind}: {err}") from None
@@ -73,7 +73,8 @@ def _check_numeric(frame: pd.DataFrame, where: Path) -> pd.DataFrame:
         bad = numbers.isna() & frame[column].notna()
         if bad.any():
             row = int(bad.to_numpy().nonzero()[0][0])
-            raise AnalysisError(f"{where}: column {column} must hold numbers; row {row} has {frame[column].iloc[row]!r}")
+            value = frame[column].iloc[row]
+            raise AnalysisError(f"{where}: column {column} must hold numbers; row {row} has {value!r}")
         frame[column] = numbers.astype(float)
     return frame
 

@@ -102,6 +102,10 @@ def _qualifying(done: pd.DataFrame, fraction: float) -> pd.DataFrame:
     return scored[(best > 0) & (scored["improvement"] >= fraction * best)]
 
 
+def _share_of_best(trial: pd.Series) -> str:
+    return f"{trial['improvement'] / trial['sweep_best_improvement']:.0%}"
+
+
 def _describe(trial: pd.Series) -> str:
     return f"trial {trial['trial_id']} (sweep {trial['sweep']}: {trial['label']})"
 
@@ -109,8 +113,9 @@ def _describe(trial: pd.Series) -> str:
 def best_quality(done: pd.DataFrame) -> Preset:
     trial = _first(done, ["train_loss", "kl", "trainable_params"], [True, True, True])
     rest = done[done["trial_id"] != trial["trial_id"]]
-    runner_up = (f"; next best {rest['train_loss'].min():.4g}" if not rest.empty else "")
-    reason = f"{_describe(trial)} has the lowest train_loss, {trial['train_loss']:.4g}, of {len(done)} trials{runner_up}"
+    reason = f"{_describe(trial)} has the lowest train_loss, {trial['train_loss']:.4g}, of {len(done)} trials"
+    if not rest.empty:
+        reason += f"; next best {rest['train_loss'].min():.4g}"
     return _measured("best_quality", RULES["best_quality"], reason, trial)
 
 
@@ -120,10 +125,11 @@ def best_efficiency(done: pd.DataFrame, fraction: float) -> Preset:
     if eligible.empty:
         return Preset("best_efficiency", rule, "no trial improved on its sweep's reference loss")
     trial = _first(eligible, ["trainable_params", "efficiency", "kl"], [True, False, True])
-    reason = (f"{_describe(trial)} is the smallest qualifying adapter ({format_value('trainable_params', trial['trainable_params'])}"
-              f" params): improvement {trial['improvement']:.3g} is {trial['improvement'] / trial['sweep_best_improvement']:.0%}"
-              f" of its sweep's best {trial['sweep_best_improvement']:.3g}; efficiency {trial['efficiency']:.3g} "
-              f"per M params; {len(eligible)} of {len(done)} trials qualified")
+    params = format_value("trainable_params", trial["trainable_params"])
+    reason = (f"{_describe(trial)} is the smallest qualifying adapter ({params} params): improvement "
+              f"{trial['improvement']:.3g} is {_share_of_best(trial)} of its sweep's best "
+              f"{trial['sweep_best_improvement']:.3g}; efficiency {trial['efficiency']:.3g} per M params; "
+              f"{len(eligible)} of {len(done)} trials qualified")
     return _measured("best_efficiency", rule, reason, trial)
 
 
@@ -134,8 +140,8 @@ def most_surgical(done: pd.DataFrame, fraction: float) -> Preset:
         return Preset("most_surgical", rule, "no trial with a kl improved on its sweep's reference loss")
     trial = _first(eligible, ["kl", "train_loss", "trainable_params"], [True, True, True])
     reason = (f"{_describe(trial)} drifts least from the base model among qualifying trials: kl {trial['kl']:.3g} "
-              f"with improvement {trial['improvement']:.3g} ({trial['improvement'] / trial['sweep_best_improvement']:.0%}"
-              f" of its sweep's best); {len(eligible)} of {len(done)} trials qualified")
+              f"with improvement {trial['improvement']:.3g} ({_share_of_best(trial)} of its sweep's best); "
+              f"{len(eligible)} of {len(done)} trials qualified")
     return _measured("most_surgical", rule, reason, trial)
 
 

@@ -1,8 +1,8 @@
 """The study's tables: one per sweep with derived columns, dataset tiers, and what mattered most.
 
 "What mattered most" compares the spread of train_loss each setting causes. For a setting D it looks for trials that
-differ only in D (same sweep, every other setting equal, except settings that move in lockstep with D, such as an
-alpha tied to the rank) and takes the comparison with the largest worst/best loss ratio. When no such controlled
+differ only in D (same sweep, every other setting equal, except an alpha that moved one-for-one with the rank, as
+the trial's default alpha = 2 x rank does) and takes the comparison with the largest worst/best loss ratio. When no such controlled
 comparison exists (e.g. a random search where everything varies at once) it falls back to the spread of the mean
 loss per value of D over all trials, and says so in the `method` column.
 """
@@ -26,7 +26,11 @@ DIMENSION_NAMES = {"model": "model", "dataset": "dataset", "optimizer": "optimiz
                    "lora_rank": "LoRA rank", "lora_alpha": "LoRA alpha", "lora_targets": "target modules",
                    "max_steps": "training steps", "num_examples": "data volume (examples)", "seed": "seed"}
 
-METRIC_COLUMNS = ("train_loss", "eval_loss", "kl", "trainable_params", "params_pct", "improvement", "efficiency")
+TIED_SETTINGS = {"lora_rank": ("lora_alpha",)}
+"""Settings that may be derived from another (the trial's default alpha is 2 x rank)."""
+
+METRIC_COLUMNS = ("train_loss", "eval_loss", "kl", "trainable_params", "params_pct", "improvement", "efficiency",
+                  "hub_preserved")
 CONTROLLED = "controlled"
 MARGINAL = "marginal"
 
@@ -66,25 +70,25 @@ def _mean_loss_by_value(trials: pd.DataFrame, dimension: str) -> pd.Series:
     return trials.dropna(subset=[dimension]).groupby(dimension)["train_loss"].mean()
 
 
-def _lockstep(sweep: pd.DataFrame, dimension: str, others: list[str]) -> list[str]:
-    """Settings that change whenever `dimension` changes within the sweep (one value per value of it)."""
+def _lockstep(sweep: pd.DataFrame, dimension: str) -> list[str]:
+    """Settings tied to `dimension` that changed with it one value for one value in this sweep (alpha = 2 x rank)."""
     grouped = sweep.groupby(dimension, dropna=False)
-    return [c for c in others if sweep[c].nunique(dropna=False) > 1 and grouped[c].nunique(dropna=False).max() == 1]
+    return [c for c in TIED_SETTINGS.get(dimension, ()) if c in sweep and sweep[c].nunique(dropna=False) > 1
+            and grouped[c].nunique(dropna=False).max() == 1]
 
 
 def _controlled_spreads(done: pd.DataFrame, dimension: str) -> list[dict]:
     candidates = []
     for sweep_name, sweep in done.groupby("sweep", sort=False):
-        others = [c for c in CONFIG_COLUMNS if c in sweep and c != dimension]
-        moved = _lockstep(sweep, dimension, others)
-        keys = [c for c in others if c not in moved]
+        moved = _lockstep(sweep, dimension)
+        keys = [c for c in CONFIG_COLUMNS if c in sweep and c != dimension and c not in moved]
+        shown = [c for c in keys if c in varied_columns(done)]
         groups = sweep.groupby(keys, dropna=False, sort=False) if keys else [(None, sweep)]
         for _, group in groups:
             means = _mean_loss_by_value(group, dimension)
             if len(means) >= 2:
-                candidates.append(_spread_row(dimension, means, CONTROLLED, str(sweep_name),
-                                              setting_label(group.iloc[0], [c for c in keys if c in
-                                                                            varied_columns(done)]), moved))
+                fixed = setting_label(group.iloc[0], shown)
+                candidates.append(_spread_row(dimension, means, CONTROLLED, str(sweep_name), fixed, moved))
     return candidates
 
 
@@ -100,8 +104,10 @@ def _spread_row(dimension: str, means: pd.Series, method: str, sweep: str, fixed
 
 def dimension_spreads(done: pd.DataFrame) -> pd.DataFrame:
     """One row per varied setting: its largest loss spread (ratio worst/best and difference), largest first."""
+    varied = varied_columns(done)
+    tied = {c for d in varied for c in _lockstep(done, d)}  # reported under the setting they follow
     rows = []
-    for dimension in varied_columns(done):
+    for dimension in (d for d in varied if d not in tied):
         candidates = _controlled_spreads(done, dimension)
         if candidates:
             rows.append(max(candidates, key=lambda r: (r["ratio"], r["difference"])))

@@ -1,0 +1,70 @@
+"""The real trainer on the embedded model: every optimizer learns, KL means something, the CLI reports everything."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tune_lfm import metrics
+from tune_lfm.config import TrialConfig
+from tune_lfm.models import load_model, load_tokenizer, resolve_model
+from tune_lfm.trial import attach_lora, prepare_data, run_trial
+
+QUICK = dict(model="tiny-lfm2", max_steps=6, batch_size=4, grad_accum=1, max_length=192, num_examples=48,
+             eval_examples=16, learning_rate=2e-3, logging_steps=1)
+RESULT_KEYS = {"train_loss", "eval_loss", "base_loss", "kl", "kl_p95", "trainable_params", "total_params",
+               "tokens_trained", "tokens_per_s", "wall_s", "peak_mem_gb", "rows_skipped", "status"}
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor", "schedule_free_adamw", "lion"])
+def test_each_optimizer_lowers_held_out_loss(optimizer):
+    lr = 2e-4 if optimizer == "lion" else 2e-3  # Lion's sign update takes steps of size lr on every weight
+    result = run_trial(TrialConfig(**{**QUICK, "learning_rate": lr}, dataset="alpaca", optimizer=optimizer),
+                       log=lambda _: None)
+    assert result["status"] == "completed"
+    assert result["eval_loss"] < result["base_loss"] - 0.01, result
+    assert result["kl"] > 0 and result["kl_p95"] >= result["kl"] * 0.5
+    assert RESULT_KEYS <= result.keys()
+    assert result["steps_completed"] == 6 and len(result["history"]) == 6
+
+
+def test_untrained_adapter_has_zero_kl_and_exact_param_count():
+    config = TrialConfig(**QUICK, dataset="alpaca", lora_targets="all_linear")
+    ref = resolve_model(config.model)
+    tokenizer = load_tokenizer(ref)
+    data = prepare_data(config, tokenizer)
+    model, targets = attach_lora(load_model(ref, torch.float32, "cpu"), config)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == targets.trainable_params(8)
+    kl = metrics.per_token_kl(model.eval(), data.probe[:8], 4, tokenizer.pad_token_id, "cpu")
+    assert kl.numel() > 100 and kl.abs().max().item() < 1e-6
+
+
+def test_non_finite_loss_ends_as_diverged_with_partial_metrics():
+    result = run_trial(TrialConfig(**{**QUICK, "learning_rate": float("inf")}, dataset="dolly"), log=lambda _: None)
+    assert result["status"] == "diverged"
+    assert "non-finite loss" in result["error"]
+    assert result["steps_completed"] < 6 and result["history"]
+
+
+def test_cli_end_to_end_prints_every_metric(tmp_path):
+    adapter = tmp_path / "adapter"
+    out = subprocess.run([sys.executable, "-m", "tune_lfm.trial", "--model", "tiny-lfm2", "--dataset", "gsm8k",
+                          "--steps", "3", "--max-length", "192", "--save-adapter", str(adapter)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout)
+    assert RESULT_KEYS <= result.keys()
+    assert result["trainable_params"] == 26_624 and result["data_source_used"] == "embedded"
+    assert all(math.isfinite(result[key]) for key in ("train_loss", "eval_loss", "base_loss", "kl"))
+    assert (adapter / "adapter_config.json").is_file()
+    assert "EMBEDDED" in out.stderr
+
+
+def test_cli_rejects_unknown_dataset_with_the_known_names():
+    out = subprocess.run([sys.executable, "-m", "tune_lfm.trial", "--model", "tiny-lfm2", "--dataset", "nope"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "nope" in out.stderr and "smol-magpie-ultra" in out.stderr
