@@ -78,6 +78,7 @@ xml.dom.minidom xml.etree.ElementTree xml.sax zipfile zipimport zlib zoneinfo
 """.split()))
 
 LAYER_TYPES = ["conv", "conv", "full_attention", "conv", "full_attention", "conv"]  # LFM2.5's pattern, 6 layers
+ATTENTION_HEADS, KV_HEADS = 4, 2  # grouped-query attention like LFM2.5 (16 heads, 8 KV heads)
 MIN_DOC_CHARS = 40  # shorter docstrings ("Return self==value.") are boilerplate repeated across classes
 HELDOUT_EVERY = 20  # every 20th document goes to the held-out split that measures the base distribution
 EVAL_BLOCKS = 48  # blocks scored at each evaluation, spread evenly over the split
@@ -106,6 +107,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("steps", "vocab_size", "hidden_size", "ff_dim", "block_len", "batch_size", "eval_every", "threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.hidden_size % (2 * ATTENTION_HEADS):
+        parser.error(f"--hidden-size must be a multiple of {2 * ATTENTION_HEADS} ({ATTENTION_HEADS} heads, even head_dim "
+                     f"for rotary embeddings), got {args.hidden_size}")
     if args.vocab_size <= len(SPECIAL_TOKENS) + 256:
         parser.error(f"--vocab-size must exceed {len(SPECIAL_TOKENS) + 256} (special tokens + byte alphabet)")
     return args
@@ -254,8 +258,8 @@ def build_model(args: argparse.Namespace, max_length: int) -> Lfm2ForCausalLM:
         block_auto_adjust_ff_dim=False,
         num_hidden_layers=len(LAYER_TYPES),
         layer_types=list(LAYER_TYPES),
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=ATTENTION_HEADS,
+        num_key_value_heads=KV_HEADS,
         conv_L_cache=3,
         conv_bias=False,
         max_position_embeddings=max_length,

@@ -157,7 +157,8 @@ def test_cli_on_reference_writes_everything_without_torch_or_ray(tmp_path):
 
 
 def _synthetic_experiment(directory: Path) -> Path:
-    """A tiny two-sweep experiment as the search writes it, with a failed, a diverged and a running trial."""
+    """A tiny two-sweep experiment as the search writes it, with a failed, a diverged and a running trial, and the
+    shared default configuration (tg-0) run once for both sweeps."""
     custom = json.dumps({"modules": ["out_proj"], "layers": "hub"})
     rows = [
         ("lr-0", "lr", "completed", None, 1e-4, "hub_all", 3.1, 0.02, 4.0),
@@ -171,9 +172,9 @@ def _synthetic_experiment(directory: Path) -> Path:
     ]
     params = {"hub_all": 3328, custom: 1024, "all_linear": 11520, "attn": 7424}
     trials = pd.DataFrame([{
-        "trial_id": t, "sweep": s, "status": st, "error": e, "scale": "tiny", "model": "tiny-lfm2",
-        "dataset": "gsm8k", "optimizer": "adamw", "learning_rate": lr, "lora_rank": 8, "lora_alpha": 16,
-        "lora_targets": tg, "max_steps": 20, "num_examples": 64, "seed": 42, "trainable_params": params[tg],
+        "trial_id": t, "sweep": s, "sweeps": "targets,lr" if t == "tg-0" else s, "status": st, "error": e, "scale": "tiny", "model": "tiny-lfm2",
+        "dataset": "alpaca", "optimizer": "adamw", "learning_rate": lr, "lora_rank": 8, "lora_alpha": 16,
+        "lora_targets": tg, "max_steps": 2, "num_examples": 16, "seed": 42, "trainable_params": params[tg],
         "total_params": 2_000_000, "train_loss": loss, "eval_loss": None if loss is None else loss + 0.2,
         "base_loss": base, "kl": kl, "tokens_per_s": 900.0,
     } for t, s, st, e, lr, tg, loss, kl, base in rows])
@@ -199,10 +200,13 @@ def test_cli_on_experiment_directory_with_failures_and_history(tmp_path, capsys)
     assert "All 5 trials have a base_loss" in report
     quality = _check_preset_file(out / "presets" / "best_quality.yaml", "tiny-lfm2")
     assert quality["lora_targets"] == {"modules": ["out_proj"], "layers": "hub"}
-    assert (quality["lora_alpha"], quality["num_examples"], quality["seed"]) == (16, 64, 42)
+    assert (quality["lora_alpha"], quality["num_examples"], quality["seed"]) == (16, 16, 42)
     pareto = pd.read_parquet(out / "pareto.parquet")
     assert not pareto["trial_id"].isin(["lr-2", "lr-3", "tg-3"]).any()
     assert set(pareto["scope"]) == {"sweep", "experiment"}
+    experiment_front = pareto[(pareto["scope"] == "experiment")]
+    assert not experiment_front.duplicated(["front", "trial_id"]).any()
+    assert "| tg-0 | 2e-4 |" in report  # the shared default also appears in the lr sweep's table
     assert "Wrote" in capsys.readouterr().out
 
 
@@ -222,6 +226,20 @@ def test_presets_validate_with_the_trial_config_loader_when_present(tmp_path):
     assert main([str(experiment), "--quiet"]) == 0
     for path in (experiment / "analysis" / "presets").glob("*.yaml"):
         config.load_config_file(path)
+
+
+@pytest.mark.slow
+def test_a_preset_runs_as_is_with_the_trial_command(tmp_path):
+    pytest.importorskip("tune_lfm.trial")
+    experiment = _synthetic_experiment(tmp_path / "exp")
+    assert main([str(experiment), "--quiet"]) == 0
+    preset = experiment / "analysis" / "presets" / "best_quality.yaml"
+    run = subprocess.run([sys.executable, "-m", "tune_lfm.trial", "--config", str(preset)], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(run.stdout)
+    assert result["status"] == "completed" and result["model"] == "tiny-lfm2"
+    assert json.loads(result["lora_targets"]) == {"modules": ["out_proj"], "layers": "hub"}
 
 
 def test_comparison_prefers_specific_then_same_sweep_published_rows(tmp_path):
@@ -250,7 +268,8 @@ def test_alpha_tied_to_rank_is_reported_under_rank_and_kept_paired(tmp_path):
     result = analyse([tmp_path / "t.csv"])
     spreads = result.spreads.set_index("dimension")
     assert "lora_alpha" not in spreads.index
-    assert (spreads.loc["lora_rank", "method"], spreads.loc["lora_rank", "moved_with_it"]) == ("controlled", "lora_alpha")
+    rank = spreads.loc["lora_rank"]
+    assert (rank["method"], rank["moved_with_it"]) == ("controlled", "lora_alpha")
     combined = result.presets[-1].config
     assert (combined["lora_rank"], combined["lora_alpha"], combined["learning_rate"]) == (8, 16, 1e-3)
 

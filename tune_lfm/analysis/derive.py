@@ -58,7 +58,7 @@ def label_by_sweep(frame: pd.DataFrame) -> pd.Series:
 
 def describe_basis(done: pd.DataFrame) -> str:
     """One sentence saying which reference loss the improvement and efficiency columns rest on."""
-    counts = done["improvement_basis"].value_counts()
+    counts = done.drop_duplicates("trial_id")["improvement_basis"].value_counts()
     with_base, without = int(counts.get(BASE_LOSS, 0)), int(counts.get(WORST_IN_SWEEP, 0))
     if not without:
         return f"All {with_base} trials have a base_loss, so improvement = base_loss - train_loss."

@@ -136,6 +136,17 @@ def load_trials(paths: Sequence[str | Path]) -> TrialData:
     return TrialData(trials=trials, history=history, sources=sources, notes=notes)
 
 
+def expand_sweeps(trials: pd.DataFrame) -> pd.DataFrame:
+    """One row per (trial, sweep it belongs to). A composed experiment (the study) runs a configuration shared by
+    several sweeps once and lists them in `sweeps` ("datasets,rank,..."); each sweep's table and front needs it."""
+    if "sweeps" not in trials:
+        return trials
+    names = [[s.strip() for s in str(listed).split(",") if s.strip()] if not is_missing(listed) else [sweep]
+             for listed, sweep in zip(trials["sweeps"], trials["sweep"])]
+    expanded = trials.assign(sweep=names).explode("sweep", ignore_index=True)
+    return expanded.astype({"sweep": str})
+
+
 def split_completed(trials: pd.DataFrame, sources: Sequence[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Trials that count (completed with a train_loss) and the rest, which the report lists with their status."""
     counts = trials["status"] == COMPLETED

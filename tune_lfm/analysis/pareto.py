@@ -87,10 +87,10 @@ def on_front(trials: pd.DataFrame, front: Front) -> pd.Series:
 
 
 def scopes(done: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
-    """(scope kind, name, trials): each sweep, then the whole experiment when it holds more than one sweep."""
+    """(scope kind, name, trials): each sweep, then the whole experiment (each trial once) when there are several."""
     parts = [(SWEEP, str(name), sweep) for name, sweep in done.groupby("sweep", sort=False)]
     if len(parts) > 1:
-        parts.append((EXPERIMENT, "all sweeps", done))
+        parts.append((EXPERIMENT, "all sweeps", done.drop_duplicates("trial_id")))
     return parts
 
 

@@ -10,7 +10,7 @@ import pandas as pd
 
 from .compare import compare_with_reference
 from .derive import add_derived
-from .load import TrialData, load_trials, split_completed
+from .load import TrialData, expand_sweeps, load_trials, split_completed
 from .pareto import DEFAULT_FRONTS, Front, check_objectives, front_name, on_front, pareto_table
 from .plots import plot_fronts, plot_loss_curves, plot_spreads
 from .presets import Preset, PresetRules, choose_presets, write_presets
@@ -30,7 +30,8 @@ class Settings:
 class Analysis:
     data: TrialData
     done: pd.DataFrame
-    """Completed trials with derived columns (improvement, efficiency, label)."""
+    """Completed trials with derived columns (improvement, efficiency, label); a trial shared by several sweeps
+    has one row per sweep (same trial_id)."""
     others: pd.DataFrame
     """Trials that do not count (failed, diverged, running, or without train_loss)."""
     settings: Settings
@@ -59,7 +60,7 @@ def analyse(paths: Sequence[str | Path], reference: str | Path | None = None,
     data = load_trials(paths)
     check_objectives(data.trials, settings.fronts)
     done, others = split_completed(data.trials, data.sources)
-    done = add_derived(done)
+    done = add_derived(expand_sweeps(done))
     tables = {str(name): sweep_table(sweep, _front_marks(sweep, settings.fronts), settings.tier_thresholds)
               for name, sweep in done.groupby("sweep", sort=False)}
     spreads = dimension_spreads(done)

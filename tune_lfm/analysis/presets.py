@@ -102,6 +102,11 @@ def _qualifying(done: pd.DataFrame, fraction: float) -> pd.DataFrame:
     return scored[(best > 0) & (scored["improvement"] >= fraction * best)]
 
 
+def _count(trials: pd.DataFrame) -> int:
+    """Trials, not rows: a trial shared by several sweeps has a row in each."""
+    return trials["trial_id"].nunique()
+
+
 def _share_of_best(trial: pd.Series) -> str:
     return f"{trial['improvement'] / trial['sweep_best_improvement']:.0%}"
 
@@ -113,7 +118,7 @@ def _describe(trial: pd.Series) -> str:
 def best_quality(done: pd.DataFrame) -> Preset:
     trial = _first(done, ["train_loss", "kl", "trainable_params"], [True, True, True])
     rest = done[done["trial_id"] != trial["trial_id"]]
-    reason = f"{_describe(trial)} has the lowest train_loss, {trial['train_loss']:.4g}, of {len(done)} trials"
+    reason = f"{_describe(trial)} has the lowest train_loss, {trial['train_loss']:.4g}, of {_count(done)} trials"
     if not rest.empty:
         reason += f"; next best {rest['train_loss'].min():.4g}"
     return _measured("best_quality", RULES["best_quality"], reason, trial)
@@ -129,7 +134,7 @@ def best_efficiency(done: pd.DataFrame, fraction: float) -> Preset:
     reason = (f"{_describe(trial)} is the smallest qualifying adapter ({params} params): improvement "
               f"{trial['improvement']:.3g} is {_share_of_best(trial)} of its sweep's best "
               f"{trial['sweep_best_improvement']:.3g}; efficiency {trial['efficiency']:.3g} per M params; "
-              f"{len(eligible)} of {len(done)} trials qualified")
+              f"{_count(eligible)} of {_count(done)} trials qualified")
     return _measured("best_efficiency", rule, reason, trial)
 
 
@@ -141,7 +146,7 @@ def most_surgical(done: pd.DataFrame, fraction: float) -> Preset:
     trial = _first(eligible, ["kl", "train_loss", "trainable_params"], [True, True, True])
     reason = (f"{_describe(trial)} drifts least from the base model among qualifying trials: kl {trial['kl']:.3g} "
               f"with improvement {trial['improvement']:.3g} ({_share_of_best(trial)} of its sweep's best); "
-              f"{len(eligible)} of {len(done)} trials qualified")
+              f"{_count(eligible)} of {_count(done)} trials qualified")
     return _measured("most_surgical", rule, reason, trial)
 
 

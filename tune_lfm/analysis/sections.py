@@ -116,7 +116,7 @@ def _comparison(analysis: Analysis) -> list[Block]:
         return blocks + [Paragraph("No completed trial matches a published configuration.")]
     mismatched = int((~comparison["params_match"]).sum())
     blocks.append(Paragraph(
-        f"{len(comparison)} of {len(analysis.done)} completed trials match a published configuration; "
+        f"{comparison['trial_id'].nunique()} of {analysis.done['trial_id'].nunique()} completed trials match a published configuration; "
         f"{analysis.unmatched_reference} published rows have no matching trial. Mean train_loss difference "
         f"{comparison['train_loss_delta'].mean():+.3g}, mean kl difference {comparison['kl_delta'].mean():+.3g}; "
         f"trainable params differ in {mismatched} matched trial(s). Published numbers are averaged where the study "

@@ -2,9 +2,9 @@
 
 "What mattered most" compares the spread of train_loss each setting causes. For a setting D it looks for trials that
 differ only in D (same sweep, every other setting equal, except an alpha that moved one-for-one with the rank, as
-the trial's default alpha = 2 x rank does) and takes the comparison with the largest worst/best loss ratio. When no such controlled
-comparison exists (e.g. a random search where everything varies at once) it falls back to the spread of the mean
-loss per value of D over all trials, and says so in the `method` column.
+the trial's default alpha = 2 x rank does) and takes the comparison with the largest worst/best loss ratio. When no
+such controlled comparison exists (e.g. a random search where everything varies at once) it falls back to the
+spread of the mean loss per value of D over all trials, and says so in the `method` column.
 """
 
 from __future__ import annotations
@@ -112,7 +112,8 @@ def dimension_spreads(done: pd.DataFrame) -> pd.DataFrame:
         if candidates:
             rows.append(max(candidates, key=lambda r: (r["ratio"], r["difference"])))
         else:
-            rows.append(_spread_row(dimension, _mean_loss_by_value(done, dimension), MARGINAL, "all sweeps",
+            each_once = done.drop_duplicates("trial_id")
+            rows.append(_spread_row(dimension, _mean_loss_by_value(each_once, dimension), MARGINAL, "all sweeps",
                                     "nothing: other settings vary too", []))
     columns = ["dimension", "method", "sweep", "n_values", "best_value", "best_loss", "worst_value", "worst_loss",
                "ratio", "difference", "held_fixed", "moved_with_it", "best_raw"]
@@ -126,11 +127,11 @@ def what_mattered_most(spreads: pd.DataFrame) -> str:
         return "No setting varied among the completed trials, so there is no spread to attribute."
     top = spreads.iloc[0]
     text = (f"{DIMENSION_NAMES[top.dimension]} mattered most: train_loss {top.best_loss:.4g} ({top.best_value}) "
-            f"to {top.worst_loss:.4g} ({top.worst_value}), {top.ratio:.2f}x and {top.difference:.3g} apart "
+            f"to {top.worst_loss:.4g} ({top.worst_value}), {top.ratio:.2f}× and {top.difference:.3g} apart "
             f"({top.method}, sweep {top.sweep}).")
     if len(spreads) > 1:
         second = spreads.iloc[1]
-        text += (f" Next is {DIMENSION_NAMES[second.dimension]} at {second.ratio:.2f}x ({second.difference:.3g} "
-                 f"apart): by difference the top spread is {top.difference / second.difference:.1f}x the next."
+        text += (f" Next is {DIMENSION_NAMES[second.dimension]} at {second.ratio:.2f}× ({second.difference:.3g} "
+                 f"apart): by difference the top spread is {top.difference / second.difference:.1f}× the next."
                  if second.difference > 0 else f" Next is {DIMENSION_NAMES[second.dimension]}, with no spread.")
     return text

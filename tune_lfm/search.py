@@ -1,0 +1,404 @@
+"""`python -m tune_lfm.search NAME|PATH`: a sweep from YAML, scheduled by Ray Tune, saved as trial dataframes.
+
+The only module that knows Ray. Grid and random sweeps are planned up front (so `--dry-run` shows exactly what will
+run and identical configs run once); Optuna samples as it goes. Each trial runs `tune_lfm.trial.run_trial` in a Ray
+worker, streams its step losses through `tune.report`, and a driver-side callback writes `trials.parquet` and
+`history.parquet` into the experiment directory after every trial.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+import yaml
+
+from .config import ConfigError
+from .results import ExperimentRecord, StorageError, check_writable
+from .spaces import PlannedTrial, Sweep, config_id, load_sweep, plan_trials, scaled_config
+from .targets import needs_hub_layers, parse_spec, resolve_hub_layers, targets_for_model
+
+DEFAULT_STORAGE = "tune_lfm_results"
+SCALES = ("auto", "tiny", "full")
+
+
+def log(message: str) -> None:
+    print(f"[tune_lfm] {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- planning (no Ray)
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`--set key=value` pairs; values are parsed as YAML scalars (so 1e-4, true, [2, 4] work)."""
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {pair!r}: expected key=value")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return overrides
+
+
+def with_hub_layers(trials: list[PlannedTrial]) -> list[PlannedTrial]:
+    """Resolve each model's hub layers once, before any trial starts, and write them into every trial that uses them."""
+    hubs: dict[str, list[int]] = {}
+    for trial in trials:
+        config = trial.config
+        if config.hub_layers is None and needs_hub_layers(parse_spec(config.lora_targets)):
+            if config.model not in hubs:
+                hubs[config.model] = resolve_hub_layers(config.model, None)
+            trial.config = config.replace(hub_layers=hubs[config.model])
+    return trials
+
+
+def adapter_sizes(trials: list[PlannedTrial]) -> dict[str, int]:
+    """Trainable parameters per trial id, computed on the meta device (no weights), each distinct shape once."""
+    cache: dict[tuple, int] = {}
+    sizes = {}
+    for trial in trials:
+        c = trial.config
+        key = (c.model, c.targets_label(), c.lora_rank, tuple(c.hub_layers or ()))
+        if key not in cache:
+            cache[key] = targets_for_model(c.model, c.lora_targets, c.hub_layers).trainable_params(c.lora_rank)
+        sizes[trial.trial_id] = cache[key]
+    return sizes
+
+
+def describe_plan(trials: list[PlannedTrial], as_json: bool) -> str:
+    sizes = adapter_sizes(trials)
+    rows = [{"trial_id": t.trial_id, "sweeps": t.sweeps, "trainable_params": sizes[t.trial_id], **t.config.to_dict()}
+            for t in trials]
+    if as_json:
+        return json.dumps(rows, indent=2, default=str)
+    header = f"{'trial_id':12}  {'sweeps':22} {'model':22} {'dataset':18} {'optim':19} {'lr':>8} {'r':>3} " \
+             f"{'targets':11} {'steps':>5} {'rows':>5} {'params':>9}"
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        lines.append(f"{row['trial_id']:12}  {','.join(row['sweeps'])[:22]:22} {row['model'][:22]:22} "
+                     f"{row['dataset'][:18]:18} {row['optimizer']:19} {row['learning_rate']:>8.1e} "
+                     f"{row['lora_rank']:>3} {str(row['lora_targets'])[:11]:11} {row['max_steps']:>5} "
+                     f"{str(row['num_examples']):>5} {row['trainable_params']:>9,}")
+    lines.append(f"{len(rows)} trials")
+    return "\n".join(lines)
+
+
+def local_gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def resolve_scale(requested: str, cluster_gpus: float) -> str:
+    if requested != "auto":
+        return requested
+    return "full" if cluster_gpus > 0 else "tiny"
+
+
+def default_gpus_per_trial(model_name: str, gpu_memory_gb: float | None) -> float:
+    """Share a GPU between small-model trials: about 4 GB + 20 GB per billion parameters each, at most 4 per GPU."""
+    from .models import build_meta_model, resolve_model
+
+    params = sum(p.numel() for p in build_meta_model(resolve_model(model_name)).parameters())
+    need_gb = 4 + 20 * params / 1e9
+    per_gpu = max(1, min(4, int((gpu_memory_gb or 80) // need_gb)))
+    return 1 / per_gpu
+
+
+# ---------------------------------------------------------------- running a trial inside Ray
+
+def trial_params(params: dict[str, Any]) -> dict[str, Any]:
+    """Our trial description inside Tune's config (every search puts it under the `trial` key)."""
+    return params["trial"]
+
+
+def _scalar(value: Any) -> Any:
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value, sort_keys=True, default=str)
+    return value
+
+
+def _hardware() -> dict[str, Any]:
+    import ray
+    import torch
+
+    return {"node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname(),
+            "gpu_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def trainable(params: dict[str, Any]) -> None:
+    """Ray Tune function trainable: one trial, step metrics while it trains, then the full result."""
+    import torch
+    from ray import tune
+
+    from .config import config_from_dict
+    from .trial import run_trial
+
+    params = trial_params(params)
+    torch.set_num_threads(max(1, int(params.get("_threads", 1))))
+    config = config_from_dict(params["config"], where="trial config")
+    started = datetime.now(timezone.utc).isoformat()
+
+    def report_step(step: dict[str, Any]) -> None:
+        tune.report({"kind": "step", **step})
+
+    result = run_trial(config, reporter=report_step, log=lambda line: print(line, flush=True))
+    result.pop("history")
+    tune.report({"kind": "final", **{k: _scalar(v) for k, v in result.items()}, "loss": result["train_loss"],
+                 "started_at": started, "finished_at": datetime.now(timezone.utc).isoformat(), **_hardware()})
+
+
+# ---------------------------------------------------------------- recording results in the driver
+
+def _recording_callback(record: ExperimentRecord, meta: dict[str, Any], total: int | None):
+    from ray.tune import Callback
+
+    class Recorder(Callback):
+        """Writes every finished or failed trial to trials.parquet, steps to history.parquet; prints a summary."""
+
+        def __init__(self):
+            self.started = time.time()
+            self.failed = 0
+
+        def _trial_id(self, trial) -> str:
+            return trial_params(trial.config)["trial_id"]
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            record.drop_history(self._trial_id(trial))
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if result.get("kind") == "step":
+                record.add_step(self._trial_id(trial), result)
+            elif result.get("kind") == "final":
+                fields = {k: v for k, v in result.items() if k in record_columns()}
+                sweeps = trial_params(trial.config)["sweeps"]
+                record.set_trial({**fields, **meta, "trial_id": self._trial_id(trial), "sweep": sweeps[0],
+                                  "sweeps": ",".join(sweeps), "attempts": trial.num_failures + 1})
+                self._summary(trials)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            error = trial.get_error()
+            message = str(error).strip().splitlines()[-1] if error else "trial failed"
+            params = trial_params(trial.config)
+            record.set_trial({**params["config"], **meta, "trial_id": params["trial_id"], "sweep": params["sweeps"][0],
+                              "sweeps": ",".join(params["sweeps"]), "status": "failed", "error": message[:2000],
+                              "attempts": trial.num_failures})
+            self.failed += 1
+            self._summary(trials)
+
+        def _summary(self, trials) -> None:
+            done = len(record.finished_ids())
+            running = sum(t.status == "RUNNING" for t in trials)
+            failed = sum(row.get("status") == "failed" for row in record.rows.values())
+            expected = total or len(trials)
+            elapsed = time.time() - self.started
+            remaining = max(expected - done - failed, 0)
+            eta = elapsed / max(done + failed, 1) * remaining
+            log(f"{done}/{expected} done, {running} running, {failed} failed, "
+                f"elapsed {elapsed / 60:.1f} min, ETA ~{eta / 60:.1f} min")
+
+    return Recorder()
+
+
+def record_columns() -> set[str]:
+    from .config import FIELD_NAMES
+    from .results import TRIAL_COLUMNS
+
+    return set(TRIAL_COLUMNS) | set(FIELD_NAMES) | {"target_modules", "target_layers", "model_kind"}
+
+
+# ---------------------------------------------------------------- Ray wiring
+
+def _param_space_for_plan(trials: list[PlannedTrial], threads: int) -> dict[str, Any]:
+    from ray import tune
+
+    return {"trial": tune.grid_search([
+        {"config": t.config.to_dict(), "trial_id": t.trial_id, "sweeps": t.sweeps, "_threads": threads}
+        for t in trials])}
+
+
+def _optuna_setup(sweep: Sweep, scale: str, overrides: dict[str, Any], threads: int, experiment_dir: str):
+    """OptunaSearch over the sweep's dimensions; its study lives in an SQLite file in the experiment directory."""
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    dims = sweep.dimensions
+
+    def define(trial: optuna.Trial) -> dict[str, Any]:
+        values = dict(sweep.fixed)
+        for key, dim in dims.items():
+            if dim.kind in ("grid", "choice"):
+                values[key] = trial.suggest_categorical(key, dim.values)
+            elif dim.kind == "uniform":
+                values[key] = trial.suggest_float(key, *dim.values)
+            elif dim.kind == "loguniform":
+                values[key] = trial.suggest_float(key, *dim.values, log=True)
+            else:
+                values[key] = trial.suggest_int(key, int(dim.values[0]), int(dim.values[1]) - 1)
+        from .config import config_from_dict
+
+        config = scaled_config(config_from_dict({**values, **overrides}, where=sweep.source), scale)
+        if config.hub_layers is None and needs_hub_layers(parse_spec(config.lora_targets)):
+            config = config.replace(hub_layers=resolve_hub_layers(config.model, None))
+        return {"trial": {"config": config.to_dict(), "trial_id": config_id(config), "sweeps": [sweep.name],
+                          "_threads": threads}}
+
+    sampler = (optuna.samplers.NSGAIISampler(seed=sweep.seed) if sweep.sampler == "nsga2"
+               else optuna.samplers.TPESampler(seed=sweep.seed))
+    storage = None
+    if "://" not in experiment_dir:
+        os.makedirs(experiment_dir, exist_ok=True)
+        storage = optuna.storages.RDBStorage(f"sqlite:///{os.path.abspath(experiment_dir)}/optuna.db")
+    metrics, modes = list(sweep.objectives), list(sweep.objectives.values())
+    search = OptunaSearch(space=define, metric=metrics if len(metrics) > 1 else metrics[0],
+                          mode=modes if len(modes) > 1 else modes[0], sampler=sampler, storage=storage,
+                          study_name=sweep.name, seed=sweep.seed)
+    return search
+
+
+def _connect_ray(address: str | None):
+    import ray
+
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(include_dashboard=False, dashboard_host="127.0.0.1", log_to_driver=True)
+    return ray.cluster_resources()
+
+
+def _refuse_local_storage_on_cluster(storage: str) -> None:
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) > 1 and "://" not in storage:
+        raise StorageError(
+            f"--storage {storage} is a local path, but the Ray cluster has {len(nodes)} nodes: trials on other nodes "
+            "could not write there. Use shared storage: s3://bucket/prefix, gs://bucket/prefix, or file:///path "
+            "on an NFS mount that every node sees.")
+
+
+def latest_experiment(storage: str, sweep_name: str) -> str | None:
+    if "://" in storage or not os.path.isdir(storage):
+        return None
+    candidates = sorted((d for d in os.listdir(storage) if d.startswith(f"{sweep_name}-")),
+                        key=lambda d: os.path.getmtime(os.path.join(storage, d)))
+    return candidates[-1] if candidates else None
+
+
+def run_search(args: argparse.Namespace) -> int:
+    from ray import tune
+
+    sweep = load_sweep(args.space)
+    overrides = parse_overrides(args.set)
+
+    if args.dry_run and not args.address:
+        scale = resolve_scale(args.scale, local_gpu_count())
+        if sweep.algorithm == "optuna":
+            print(f"{sweep.name}: optuna ({sweep.sampler}) search, {sweep.num_samples} trials over "
+                  f"{', '.join(sweep.dimensions)}; objectives {sweep.objectives}; scale {scale}")
+            return 0
+        print(describe_plan(with_hub_layers(plan_trials(sweep, scale, overrides)), args.json))
+        return 0
+
+    resources = _connect_ray(args.address)
+    cluster_gpus = resources.get("GPU", 0)
+    scale = resolve_scale(args.scale, cluster_gpus)
+    what = "embedded tiny-lfm2 model and embedded data, shrunk for CPU" if scale == "tiny" else "real model and data"
+    log(f"scale: {scale.upper()} ({what}); cluster: {resources.get('CPU', 0):.0f} CPUs, {cluster_gpus:g} GPUs")
+
+    storage = args.storage
+    name = args.name or (latest_experiment(storage, sweep.name) if args.resume else None)
+    if args.resume and not name:
+        raise ConfigError(f"--resume: no experiment of sweep '{sweep.name}' under {storage}; pass --name")
+    name = name or f"{sweep.name}-{scale}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    experiment_dir = f"{storage.rstrip('/')}/{name}"
+    _refuse_local_storage_on_cluster(storage)
+    check_writable(experiment_dir)
+    storage_path = storage if "://" in storage else os.path.abspath(storage)
+
+    gpus = args.gpus_per_trial
+    if gpus is None:
+        gpus = sweep.resources.get("gpus_per_trial", "auto")
+    if gpus == "auto":
+        gpus = 0.0 if scale == "tiny" or cluster_gpus == 0 else default_gpus_per_trial(
+            sweep.fixed.get("model", "LiquidAI/LFM2.5-230M"), None)
+    cpus = sweep.resources.get("cpus_per_trial") or (1 if scale == "tiny" else 2)
+    if cpus == "auto":
+        cpus = 1
+    max_concurrent = args.max_concurrent or sweep.resources.get("max_concurrent")
+    threads = max(1, int(cpus))
+    log(f"experiment: {experiment_dir}; per trial {cpus} CPU, {gpus:g} GPU; max concurrent "
+        f"{max_concurrent or 'as resources allow'}")
+
+    meta = {"scale": scale}
+    record = ExperimentRecord(experiment_dir)
+    if sweep.algorithm == "optuna":
+        search_alg = _optuna_setup(sweep, scale, overrides, threads, experiment_dir)
+        param_space, num_samples, total = {}, sweep.num_samples, sweep.num_samples
+    else:
+        trials = with_hub_layers(plan_trials(sweep, scale, overrides))
+        adapter_sizes(trials)  # validates every target set against its model before anything runs
+        param_space, num_samples, total, search_alg = _param_space_for_plan(trials, threads), 1, len(trials), None
+    scheduler = None
+    if sweep.scheduler:
+        from ray.tune.schedulers import ASHAScheduler
+
+        s = sweep.scheduler
+        scheduler = ASHAScheduler(metric=s["metric"], mode=s["mode"], time_attr="step", max_t=10**9,
+                                  grace_period=s["grace_period"], reduction_factor=s["reduction_factor"])
+    callback = _recording_callback(record, meta, total)
+    run_config = tune.RunConfig(name=name, storage_path=storage_path, callbacks=[callback], verbose=1,
+                                failure_config=tune.FailureConfig(max_failures=sweep.max_failures))
+    resourced = tune.with_resources(trainable, {"cpu": cpus, "gpu": gpus})
+    if args.resume:
+        log(f"resuming {experiment_dir}: {len(record.finished_ids())} trials already finished are kept")
+        tuner = tune.Tuner.restore(storage_path.rstrip('/') + "/" + name, resourced, resume_unfinished=True,
+                                   resume_errored=True, param_space=param_space or None)
+    else:
+        tuner = tune.Tuner(resourced, param_space=param_space, run_config=run_config,
+                           tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler,
+                                                       num_samples=num_samples, max_concurrent_trials=max_concurrent))
+    tuner.fit()
+    record.flush()
+    statuses = [row.get("status") for row in record.rows.values()]
+    log(f"finished: {statuses.count('completed')} completed, {statuses.count('diverged')} diverged, "
+        f"{statuses.count('failed')} failed -> {record.trials_uri}")
+    log(f"next: python -m tune_lfm.analysis {experiment_dir}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m tune_lfm.search",
+                                     description="Run a LoRA SFT sweep on Ray Tune and save trial dataframes.")
+    parser.add_argument("space", help="sweep name in search_spaces/ (datasets, study, pareto, ...) or a YAML path")
+    parser.add_argument("--scale", choices=SCALES, default="auto",
+                        help="tiny: embedded model+data for CPU; full: real model+hub data; auto: full iff GPUs")
+    parser.add_argument("--address", help="Ray cluster address (e.g. ray://head:10001 or auto); default: local Ray")
+    parser.add_argument("--storage", default=DEFAULT_STORAGE, help="experiment root: a directory, s3://, gs://")
+    parser.add_argument("--name", help="experiment name (default: <sweep>-<scale>-<timestamp>)")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted experiment (latest or --name)")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved trials and exit")
+    parser.add_argument("--json", action="store_true", help="with --dry-run: JSON output")
+    parser.add_argument("--max-concurrent", type=int, help="at most N trials at once")
+    parser.add_argument("--gpus-per-trial", type=float, help="GPU fraction per trial (default from model size)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a trial setting in every trial, e.g. --set max_steps=50")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run_search(args)
+    except (ConfigError, StorageError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

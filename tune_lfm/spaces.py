@@ -1,0 +1,281 @@
+"""Sweep YAML -> a validated `Sweep`: the trials to run (grid, random) or the space to search (Optuna).
+
+A sweep file (see `search_spaces/`):
+
+    name: datasets                 # optional; defaults to the file name
+    description: one line
+    include: [datasets, rank]      # compose other sweeps: their trials, identical configs run once
+    fixed: {optimizer: adamw, lora_rank: 8, ...}        # TrialConfig fields shared by every trial
+    sweep:                                               # dimensions, each one of:
+      dataset: {grid: [alpaca, gsm8k]}                   #   every value
+      learning_rate: {loguniform: [1.0e-4, 1.0e-3]}      #   sampled (random / optuna)
+      lora_rank: {choice: [2, 4, 8]} | {randint: [2, 33]} | {uniform: [0.0, 0.1]}
+      variants: {grid: [{max_steps: 100, num_examples: 640}, ...]}  # partial configs, for non-product sweeps
+    search: {algorithm: grid | random | optuna, num_samples: 20, sampler: tpe | nsga2,
+             objectives: {train_loss: min, kl: min}, seed: 0}
+    scheduler: {type: asha, metric: train_loss, mode: min, grace_period: 20}    # optional
+    resources: {gpus_per_trial: auto, cpus_per_trial: 1, max_concurrent: 4}    # optional
+    max_failures: 1
+    user_datasets: {name: {path | hub_id, format, ...}}
+
+Scales: `full` runs the file as written; `tiny` (no GPU) swaps in the embedded model and data and shrinks steps,
+rows and lengths (see `TINY_SCALE`) so a sweep runs on a laptop CPU in minutes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass, field
+from itertools import product
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import EMBEDDED_MODEL, FIELD_NAMES, ConfigError, TrialConfig, config_from_dict
+
+SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+TOP_KEYS = ("name", "description", "include", "fixed", "sweep", "search", "scheduler", "resources", "max_failures",
+            "user_datasets")
+DIMENSION_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
+ALGORITHMS = ("grid", "random", "optuna")
+SAMPLERS = ("tpe", "nsga2")
+OBJECTIVE_METRICS = ("train_loss", "eval_loss", "kl", "kl_p95", "trainable_params", "wall_s", "peak_mem_gb")
+RESOURCE_KEYS = ("gpus_per_trial", "cpus_per_trial", "max_concurrent")
+
+TINY_SCALE = {"steps_divisor": 15, "min_steps": 4, "examples_divisor": 20, "min_examples": 16, "max_length": 256,
+              "grad_accum": 1, "eval_examples": 16}
+"""Tiny scale: steps / 15 (300 -> 20), rows / 20 (2000 -> 100), max_length <= 256, no gradient accumulation, 16
+held-out rows; the embedded model and embedded data. Ratios between trials (e.g. the duration sweep) are kept."""
+
+
+@dataclass
+class Dimension:
+    kind: str
+    values: list[Any]
+
+
+@dataclass
+class Sweep:
+    name: str
+    source: str
+    description: str = ""
+    fixed: dict[str, Any] = field(default_factory=dict)
+    dimensions: dict[str, Dimension] = field(default_factory=dict)
+    algorithm: str = "grid"
+    num_samples: int = 1
+    sampler: str = "tpe"
+    objectives: dict[str, str] = field(default_factory=dict)
+    seed: int = 0
+    scheduler: dict[str, Any] | None = None
+    resources: dict[str, Any] = field(default_factory=dict)
+    max_failures: int = 1
+    members: list[Sweep] = field(default_factory=list)
+    """Included sweeps; a composed sweep's trials are theirs, deduplicated."""
+
+
+@dataclass
+class PlannedTrial:
+    """One concrete trial: its config, a stable id derived from the config, and the sweeps it belongs to."""
+
+    config: TrialConfig
+    sweeps: list[str]
+
+    @property
+    def trial_id(self) -> str:
+        return config_id(self.config)
+
+
+def config_id(config: TrialConfig) -> str:
+    """Identical configs get the same id in every sweep and run, so duplicates and resumes can be recognised."""
+    blob = json.dumps(config.to_dict(), sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+def find_space(name_or_path: str) -> Path:
+    """A sweep name in search_spaces/ or a path to the user's own YAML."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"sweep file {path} does not exist")
+        return path
+    candidate = SPACES_DIR / f"{name_or_path}.yaml"
+    if not candidate.is_file():
+        known = sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
+        raise ConfigError(f"unknown sweep '{name_or_path}'; known: {', '.join(known)} (or pass a path to a YAML file)")
+    return candidate
+
+
+def _expect(condition: bool, where: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{where}: {message}")
+
+
+def _parse_dimension(key: str, spec: Any, where: str) -> Dimension:
+    _expect(key in FIELD_NAMES or key == "variants", where,
+            f"sweep key `{key}` is not a trial setting; allowed: variants, {', '.join(FIELD_NAMES)}")
+    _expect(isinstance(spec, dict) and len(spec) == 1, f"{where}.{key}",
+            f"must be a mapping with one of {', '.join(DIMENSION_KINDS)}, e.g. {{grid: [...]}}; got {spec!r}")
+    kind, values = next(iter(spec.items()))
+    _expect(kind in DIMENSION_KINDS, f"{where}.{key}", f"unknown kind `{kind}`; allowed: {', '.join(DIMENSION_KINDS)}")
+    _expect(isinstance(values, list) and values, f"{where}.{key}.{kind}", f"must be a non-empty list, got {values!r}")
+    if kind in ("uniform", "loguniform", "randint"):
+        _expect(len(values) == 2 and all(isinstance(v, (int, float)) for v in values) and values[0] < values[1],
+                f"{where}.{key}.{kind}", f"must be [low, high] numbers with low < high, got {values!r}")
+        if kind == "loguniform":
+            _expect(values[0] > 0, f"{where}.{key}.{kind}", "bounds must be > 0")
+    if key == "variants":
+        _expect(kind in ("grid", "choice") and all(isinstance(v, dict) for v in values), f"{where}.variants",
+                "must be {grid: [mapping, ...]} of partial trial settings")
+    return Dimension(kind, values)
+
+
+def _parse_search(spec: Any, sweep: Sweep, where: str) -> None:
+    if spec is None:
+        return
+    _expect(isinstance(spec, dict), where, f"must be a mapping, got {type(spec).__name__}")
+    allowed = {"algorithm", "num_samples", "sampler", "objectives", "seed"}
+    unknown = set(spec) - allowed
+    _expect(not unknown, where, f"unknown key(s) {sorted(unknown)}; allowed: {', '.join(sorted(allowed))}")
+    sweep.algorithm = spec.get("algorithm", "grid")
+    _expect(sweep.algorithm in ALGORITHMS, f"{where}.algorithm",
+            f"`{sweep.algorithm}` is not one of {', '.join(ALGORITHMS)}")
+    sweep.num_samples = spec.get("num_samples", 1)
+    _expect(isinstance(sweep.num_samples, int) and sweep.num_samples > 0, f"{where}.num_samples",
+            f"must be a positive int, got {sweep.num_samples!r}")
+    sweep.sampler = spec.get("sampler", "tpe")
+    _expect(sweep.sampler in SAMPLERS, f"{where}.sampler", f"`{sweep.sampler}` is not one of {', '.join(SAMPLERS)}")
+    sweep.seed = spec.get("seed", 0)
+    objectives = spec.get("objectives", {"train_loss": "min"} if sweep.algorithm == "optuna" else {})
+    _expect(isinstance(objectives, dict), f"{where}.objectives", "must map metric -> min | max")
+    for metric, mode in objectives.items():
+        _expect(metric in OBJECTIVE_METRICS, f"{where}.objectives",
+                f"`{metric}` is not a reported metric; allowed: {', '.join(OBJECTIVE_METRICS)}")
+        _expect(mode in ("min", "max"), f"{where}.objectives.{metric}", f"must be min or max, got {mode!r}")
+    sweep.objectives = dict(objectives)
+
+
+def _parse_scheduler(spec: Any, where: str) -> dict[str, Any] | None:
+    if spec is None:
+        return None
+    _expect(isinstance(spec, dict) and spec.get("type") == "asha", where,
+            "only {type: asha, metric: ..., mode: min|max, grace_period: N} is supported")
+    unknown = set(spec) - {"type", "metric", "mode", "grace_period", "reduction_factor"}
+    _expect(not unknown, where, f"unknown key(s) {sorted(unknown)}")
+    _expect(spec.get("metric", "loss") in ("loss",) + OBJECTIVE_METRICS, f"{where}.metric",
+            "must be loss (the step loss) or a reported metric")
+    _expect(spec.get("mode", "min") in ("min", "max"), f"{where}.mode", "must be min or max")
+    return {"metric": "loss", "mode": "min", "grace_period": 10, "reduction_factor": 3, **spec}
+
+
+def _parse_resources(spec: Any, where: str) -> dict[str, Any]:
+    if spec is None:
+        return {}
+    _expect(isinstance(spec, dict), where, "must be a mapping")
+    unknown = set(spec) - set(RESOURCE_KEYS)
+    _expect(not unknown, where, f"unknown key(s) {sorted(unknown)}; allowed: {', '.join(RESOURCE_KEYS)}")
+    for key, value in spec.items():
+        ok = value is None or value == "auto" or (isinstance(value, (int, float)) and value > 0)
+        _expect(ok, f"{where}.{key}", f"must be a positive number or auto, got {value!r}")
+    return dict(spec)
+
+
+def load_sweep(name_or_path: str, _seen: tuple[str, ...] = ()) -> Sweep:
+    """Read and validate a sweep file (and the sweeps it includes); errors name the file and key."""
+    path = find_space(name_or_path)
+    where = str(path)
+    _expect(str(path.resolve()) not in _seen, where, "includes itself (cycle)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where}: not valid YAML: {err}") from None
+    _expect(isinstance(raw, dict), where, f"must be a mapping at the top level, got {type(raw).__name__}")
+    unknown = set(raw) - set(TOP_KEYS)
+    _expect(not unknown, where, f"unknown top-level key(s) {sorted(unknown)}; allowed: {', '.join(TOP_KEYS)}")
+
+    sweep = Sweep(name=raw.get("name", path.stem), source=where, description=raw.get("description", ""))
+    fixed = raw.get("fixed") or {}
+    _expect(isinstance(fixed, dict), f"{where}: fixed", "must be a mapping of trial settings")
+    if raw.get("user_datasets") is not None:
+        fixed = {**fixed, "user_datasets": raw["user_datasets"]}
+    config_from_dict(fixed, where=f"{where}: fixed")  # type-check the shared settings up front
+    sweep.fixed = fixed
+    dims = raw.get("sweep") or {}
+    _expect(isinstance(dims, dict), f"{where}: sweep", "must be a mapping of setting -> {grid|choice|...: values}")
+    sweep.dimensions = {key: _parse_dimension(key, spec, f"{where}: sweep") for key, spec in dims.items()}
+    _parse_search(raw.get("search"), sweep, f"{where}: search")
+    sweep.scheduler = _parse_scheduler(raw.get("scheduler"), f"{where}: scheduler")
+    sweep.resources = _parse_resources(raw.get("resources"), f"{where}: resources")
+    sweep.max_failures = raw.get("max_failures", 1)
+    _expect(isinstance(sweep.max_failures, int) and sweep.max_failures >= 0, f"{where}: max_failures",
+            "must be an int >= 0")
+    includes = raw.get("include") or []
+    _expect(isinstance(includes, list), f"{where}: include", "must be a list of sweep names or paths")
+    sweep.members = [load_sweep(name, _seen + (str(path.resolve()),)) for name in includes]
+    sampled = [k for k, d in sweep.dimensions.items() if d.kind not in ("grid",)]
+    if sweep.algorithm == "grid":
+        _expect(not sampled, f"{where}: sweep", f"{sampled} are sampled dimensions; use search.algorithm random or "
+                                                "optuna, or make them grid")
+    _expect(not (sweep.members and sweep.algorithm == "optuna"), where, "an optuna search cannot include sweeps")
+    return sweep
+
+
+def scaled_config(config: TrialConfig, scale: str) -> TrialConfig:
+    """A trial at a scale; `tiny` keeps the sweep's shape (ratios between trials) while fitting a CPU (TINY_SCALE)."""
+    if scale == "full":
+        return config
+    t = TINY_SCALE
+    changes = {"model": EMBEDDED_MODEL, "data_source": "embedded", "grad_accum": t["grad_accum"], "hub_layers": None,
+               "eval_examples": min(config.eval_examples, t["eval_examples"]),
+               "max_length": min(config.max_length, t["max_length"]),
+               "max_steps": max(t["min_steps"], round(config.max_steps / t["steps_divisor"]))}
+    if config.num_examples is not None:
+        changes["num_examples"] = max(t["min_examples"], round(config.num_examples / t["examples_divisor"]))
+    return config.replace(**changes)
+
+
+def _dimension_values(dim: Dimension, rng: random.Random) -> Any:
+    if dim.kind in ("grid", "choice"):
+        return rng.choice(dim.values)
+    low, high = dim.values
+    if dim.kind == "uniform":
+        return rng.uniform(low, high)
+    if dim.kind == "loguniform":
+        import math
+
+        return math.exp(rng.uniform(math.log(low), math.log(high)))
+    return rng.randrange(int(low), int(high))
+
+
+def _combine(fixed: dict[str, Any], assignment: dict[str, Any]) -> dict[str, Any]:
+    values = dict(fixed)
+    for key, value in assignment.items():
+        values.update(value if key == "variants" else {key: value})
+    return values
+
+
+def _own_assignments(sweep: Sweep) -> list[dict[str, Any]]:
+    if sweep.algorithm == "grid":
+        keys = list(sweep.dimensions)
+        return [dict(zip(keys, combo)) for combo in product(*(sweep.dimensions[k].values for k in keys))]
+    rng = random.Random(sweep.seed)
+    return [{k: _dimension_values(d, rng) for k, d in sweep.dimensions.items()} for _ in range(sweep.num_samples)]
+
+
+def plan_trials(sweep: Sweep, scale: str, overrides: dict[str, Any] | None = None) -> list[PlannedTrial]:
+    """Concrete trials of a grid/random sweep (composed sweeps: union, identical configs once, in first-seen order)."""
+    _expect(sweep.algorithm != "optuna", sweep.source, "an optuna search has no fixed trial list; it samples as it goes")
+    planned: dict[str, PlannedTrial] = {}
+    sources = sweep.members or [sweep]
+    for member in sources:
+        for i, assignment in enumerate(_own_assignments(member)):
+            values = {**_combine({**sweep.fixed, **member.fixed}, assignment), **(overrides or {})}
+            config = scaled_config(config_from_dict(values, where=f"{member.source}: trial {i}"), scale)
+            key = config_id(config)
+            if key in planned:
+                planned[key].sweeps.append(member.name)
+            else:
+                planned[key] = PlannedTrial(config, [member.name])
+    return list(planned.values())
