@@ -172,7 +172,8 @@ def _synthetic_experiment(directory: Path) -> Path:
     ]
     params = {"hub_all": 3328, custom: 1024, "all_linear": 11520, "attn": 7424}
     trials = pd.DataFrame([{
-        "trial_id": t, "sweep": s, "sweeps": "targets,lr" if t == "tg-0" else s, "status": st, "error": e, "scale": "tiny", "model": "tiny-lfm2",
+        "trial_id": t, "sweep": s, "sweeps": "targets,lr" if t == "tg-0" else s, "status": st, "error": e,
+        "scale": "tiny", "model": "tiny-lfm2",
         "dataset": "alpaca", "optimizer": "adamw", "learning_rate": lr, "lora_rank": 8, "lora_alpha": 16,
         "lora_targets": tg, "max_steps": 2, "num_examples": 16, "seed": 42, "trainable_params": params[tg],
         "total_params": 2_000_000, "train_loss": loss, "eval_loss": None if loss is None else loss + 0.2,

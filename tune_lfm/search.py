@@ -155,54 +155,60 @@ def trainable(params: dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------- recording results in the driver
 
-def _recording_callback(record: ExperimentRecord, meta: dict[str, Any], total: int | None):
+def results_callback(experiment_dir: str, meta: dict[str, Any], total: int):
+    """A Tune callback (driver side) that writes trials.parquet / history.parquet and prints a summary line."""
     from ray.tune import Callback
 
-    class Recorder(Callback):
-        """Writes every finished or failed trial to trials.parquet, steps to history.parquet; prints a summary."""
-
-        def __init__(self):
+    class ResultsCallback(Callback):
+        def setup(self, **info):
+            self.record = ExperimentRecord(experiment_dir)  # rows of an interrupted run are loaded and kept
             self.started = time.time()
-            self.failed = 0
-
-        def _trial_id(self, trial) -> str:
-            return trial_params(trial.config)["trial_id"]
+            self.finished_before = len(self.record.finished_ids())
 
         def on_trial_start(self, iteration, trials, trial, **info):
-            record.drop_history(self._trial_id(trial))
+            self.record.drop_history(trial_params(trial.config)["trial_id"])
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
+            params = trial_params(trial.config)
             if result.get("kind") == "step":
-                record.add_step(self._trial_id(trial), result)
+                self.record.add_step(params["trial_id"], result)
             elif result.get("kind") == "final":
                 fields = {k: v for k, v in result.items() if k in record_columns()}
-                sweeps = trial_params(trial.config)["sweeps"]
-                record.set_trial({**fields, **meta, "trial_id": self._trial_id(trial), "sweep": sweeps[0],
-                                  "sweeps": ",".join(sweeps), "attempts": trial.num_failures + 1})
+                self.record.set_trial({**fields, **meta, **_identity(params), "attempts": trial.num_failures + 1})
                 self._summary(trials)
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            error = trial.get_error()
-            message = str(error).strip().splitlines()[-1] if error else "trial failed"
             params = trial_params(trial.config)
-            record.set_trial({**params["config"], **meta, "trial_id": params["trial_id"], "sweep": params["sweeps"][0],
-                              "sweeps": ",".join(params["sweeps"]), "status": "failed", "error": message[:2000],
-                              "attempts": trial.num_failures})
-            self.failed += 1
+            self.record.set_trial({**params["config"], **meta, **_identity(params), "status": "failed",
+                                   "error": _error_message(trial)[:2000], "attempts": trial.num_failures})
             self._summary(trials)
 
         def _summary(self, trials) -> None:
-            done = len(record.finished_ids())
+            statuses = [row.get("status") for row in self.record.rows.values()]
+            done, failed = len(self.record.finished_ids()), statuses.count("failed")
             running = sum(t.status == "RUNNING" for t in trials)
-            failed = sum(row.get("status") == "failed" for row in record.rows.values())
-            expected = total or len(trials)
             elapsed = time.time() - self.started
-            remaining = max(expected - done - failed, 0)
-            eta = elapsed / max(done + failed, 1) * remaining
-            log(f"{done}/{expected} done, {running} running, {failed} failed, "
+            settled_now = done + failed - self.finished_before
+            eta = elapsed / max(settled_now, 1) * max(total - done - failed, 0)
+            log(f"{done}/{total} done, {running} running, {failed} failed, "
                 f"elapsed {elapsed / 60:.1f} min, ETA ~{eta / 60:.1f} min")
 
-    return Recorder()
+    return ResultsCallback()
+
+
+def _identity(params: dict[str, Any]) -> dict[str, Any]:
+    return {"trial_id": params["trial_id"], "sweep": params["sweeps"][0], "sweeps": ",".join(params["sweeps"])}
+
+
+def _error_message(trial) -> str:
+    """The exception line of the trial's last failure (Ray writes the full trace to the trial's error file)."""
+    text = ""
+    if trial.error_file and os.path.exists(trial.error_file):
+        with open(trial.error_file) as handle:
+            text = handle.read()
+    text = text or str(trial.get_error() or "")
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("Failure #")]
+    return lines[-1] if lines else "trial failed (no error text recorded by Ray)"
 
 
 def record_columns() -> set[str]:
@@ -222,16 +228,20 @@ def _param_space_for_plan(trials: list[PlannedTrial], threads: int) -> dict[str,
         for t in trials])}
 
 
-def _optuna_setup(sweep: Sweep, scale: str, overrides: dict[str, Any], threads: int, experiment_dir: str):
-    """OptunaSearch over the sweep's dimensions; its study lives in an SQLite file in the experiment directory."""
-    import optuna
-    from ray.tune.search.optuna import OptunaSearch
+class OptunaSpace:
+    """Define-by-run space for OptunaSearch: samples the sweep's dimensions into a full trial config.
 
-    dims = sweep.dimensions
+    A class rather than a closure because Ray pickles the searcher (and so this) when it saves experiment state.
+    """
 
-    def define(trial: optuna.Trial) -> dict[str, Any]:
-        values = dict(sweep.fixed)
-        for key, dim in dims.items():
+    def __init__(self, sweep: Sweep, scale: str, overrides: dict[str, Any], threads: int):
+        self.sweep, self.scale, self.overrides, self.threads = sweep, scale, overrides, threads
+
+    def __call__(self, trial) -> dict[str, Any]:
+        from .config import config_from_dict
+
+        values = dict(self.sweep.fixed)
+        for key, dim in self.sweep.dimensions.items():
             if dim.kind in ("grid", "choice"):
                 values[key] = trial.suggest_categorical(key, dim.values)
             elif dim.kind == "uniform":
@@ -240,13 +250,17 @@ def _optuna_setup(sweep: Sweep, scale: str, overrides: dict[str, Any], threads: 
                 values[key] = trial.suggest_float(key, *dim.values, log=True)
             else:
                 values[key] = trial.suggest_int(key, int(dim.values[0]), int(dim.values[1]) - 1)
-        from .config import config_from_dict
-
-        config = scaled_config(config_from_dict({**values, **overrides}, where=sweep.source), scale)
+        config = scaled_config(config_from_dict({**values, **self.overrides}, where=self.sweep.source), self.scale)
         if config.hub_layers is None and needs_hub_layers(parse_spec(config.lora_targets)):
             config = config.replace(hub_layers=resolve_hub_layers(config.model, None))
-        return {"trial": {"config": config.to_dict(), "trial_id": config_id(config), "sweeps": [sweep.name],
-                          "_threads": threads}}
+        return {"trial": {"config": config.to_dict(), "trial_id": config_id(config), "sweeps": [self.sweep.name],
+                          "_threads": self.threads}}
+
+
+def _optuna_setup(sweep: Sweep, scale: str, overrides: dict[str, Any], threads: int, experiment_dir: str):
+    """OptunaSearch (TPE or NSGA-II, one or several objectives); its study lives in the experiment's optuna.db."""
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
 
     sampler = (optuna.samplers.NSGAIISampler(seed=sweep.seed) if sweep.sampler == "nsga2"
                else optuna.samplers.TPESampler(seed=sweep.seed))
@@ -255,10 +269,10 @@ def _optuna_setup(sweep: Sweep, scale: str, overrides: dict[str, Any], threads: 
         os.makedirs(experiment_dir, exist_ok=True)
         storage = optuna.storages.RDBStorage(f"sqlite:///{os.path.abspath(experiment_dir)}/optuna.db")
     metrics, modes = list(sweep.objectives), list(sweep.objectives.values())
-    search = OptunaSearch(space=define, metric=metrics if len(metrics) > 1 else metrics[0],
-                          mode=modes if len(modes) > 1 else modes[0], sampler=sampler, storage=storage,
-                          study_name=sweep.name, seed=sweep.seed)
-    return search
+    # Objectives always go as lists: OptunaSearch then ignores the per-step reports (which carry the step loss, not
+    # the objectives) and tells Optuna the final values only.
+    return OptunaSearch(space=OptunaSpace(sweep, scale, overrides, threads), metric=metrics, mode=modes,
+                        sampler=sampler, storage=storage, study_name=sweep.name, seed=sweep.seed)
 
 
 def _connect_ray(address: str | None):
@@ -285,7 +299,7 @@ def _refuse_local_storage_on_cluster(storage: str) -> None:
 def latest_experiment(storage: str, sweep_name: str) -> str | None:
     if "://" in storage or not os.path.isdir(storage):
         return None
-    candidates = sorted((d for d in os.listdir(storage) if d.startswith(f"{sweep_name}-")),
+    candidates = sorted((d for d in os.listdir(storage) if d == sweep_name or d.startswith(f"{sweep_name}-")),
                         key=lambda d: os.path.getmtime(os.path.join(storage, d)))
     return candidates[-1] if candidates else None
 
@@ -336,14 +350,24 @@ def run_search(args: argparse.Namespace) -> int:
         f"{max_concurrent or 'as resources allow'}")
 
     meta = {"scale": scale}
-    record = ExperimentRecord(experiment_dir)
+    finished = ExperimentRecord(experiment_dir).finished_ids() if args.resume else set()
+    if args.resume:
+        log(f"resuming {experiment_dir}: {len(finished)} finished trials are kept and not run again")
     if sweep.algorithm == "optuna":
+        # Step reports carry the running loss; the objectives arrive with the final report of each trial.
+        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
         search_alg = _optuna_setup(sweep, scale, overrides, threads, experiment_dir)
-        param_space, num_samples, total = {}, sweep.num_samples, sweep.num_samples
+        param_space, total = {}, sweep.num_samples
+        num_samples = max(sweep.num_samples - len(finished), 0)
     else:
-        trials = with_hub_layers(plan_trials(sweep, scale, overrides))
-        adapter_sizes(trials)  # validates every target set against its model before anything runs
-        param_space, num_samples, total, search_alg = _param_space_for_plan(trials, threads), 1, len(trials), None
+        planned = with_hub_layers(plan_trials(sweep, scale, overrides))
+        adapter_sizes(planned)  # validates every target set against its model before anything runs
+        todo = [t for t in planned if t.trial_id not in finished]
+        param_space, total, search_alg = _param_space_for_plan(todo, threads), len(planned), None
+        num_samples = 1 if todo else 0
+    if num_samples == 0:
+        log("nothing left to run")
+        return 0
     scheduler = None
     if sweep.scheduler:
         from ray.tune.schedulers import ASHAScheduler
@@ -351,20 +375,15 @@ def run_search(args: argparse.Namespace) -> int:
         s = sweep.scheduler
         scheduler = ASHAScheduler(metric=s["metric"], mode=s["mode"], time_attr="step", max_t=10**9,
                                   grace_period=s["grace_period"], reduction_factor=s["reduction_factor"])
-    callback = _recording_callback(record, meta, total)
-    run_config = tune.RunConfig(name=name, storage_path=storage_path, callbacks=[callback], verbose=1,
+    run_config = tune.RunConfig(name=name, storage_path=storage_path, verbose=1,
+                                callbacks=[results_callback(experiment_dir, meta, total)],
                                 failure_config=tune.FailureConfig(max_failures=sweep.max_failures))
-    resourced = tune.with_resources(trainable, {"cpu": cpus, "gpu": gpus})
-    if args.resume:
-        log(f"resuming {experiment_dir}: {len(record.finished_ids())} trials already finished are kept")
-        tuner = tune.Tuner.restore(storage_path.rstrip('/') + "/" + name, resourced, resume_unfinished=True,
-                                   resume_errored=True, param_space=param_space or None)
-    else:
-        tuner = tune.Tuner(resourced, param_space=param_space, run_config=run_config,
-                           tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler,
-                                                       num_samples=num_samples, max_concurrent_trials=max_concurrent))
+    tuner = tune.Tuner(tune.with_resources(trainable, {"cpu": cpus, "gpu": gpus}), param_space=param_space,
+                       run_config=run_config,
+                       tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, num_samples=num_samples,
+                                                   max_concurrent_trials=max_concurrent))
     tuner.fit()
-    record.flush()
+    record = ExperimentRecord(experiment_dir)
     statuses = [row.get("status") for row in record.rows.values()]
     log(f"finished: {statuses.count('completed')} completed, {statuses.count('diverged')} diverged, "
         f"{statuses.count('failed')} failed -> {record.trials_uri}")

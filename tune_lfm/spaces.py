@@ -18,8 +18,9 @@ A sweep file (see `search_spaces/`):
     max_failures: 1
     user_datasets: {name: {path | hub_id, format, ...}}
 
-Scales: `full` runs the file as written; `tiny` (no GPU) swaps in the embedded model and data and shrinks steps,
-rows and lengths (see `TINY_SCALE`) so a sweep runs on a laptop CPU in minutes.
+Scales: `full` runs the file as written; `tiny` (no GPU) swaps in the embedded model and the study datasets'
+embedded rows (user datasets keep their declared path or hub id) and shrinks steps, rows and lengths (see
+`TINY_SCALE`) so a sweep runs on a laptop CPU in minutes.
 """
 
 from __future__ import annotations
@@ -226,8 +227,11 @@ def scaled_config(config: TrialConfig, scale: str) -> TrialConfig:
     """A trial at a scale; `tiny` keeps the sweep's shape (ratios between trials) while fitting a CPU (TINY_SCALE)."""
     if scale == "full":
         return config
+    from .data.registry import DATASETS
+
     t = TINY_SCALE
-    changes = {"model": EMBEDDED_MODEL, "data_source": "embedded", "grad_accum": t["grad_accum"], "hub_layers": None,
+    own_data = config.dataset in DATASETS and not (config.user_datasets or {}).get(config.dataset)
+    changes = {"model": EMBEDDED_MODEL, "data_source": "embedded" if own_data else "hub", "grad_accum": t["grad_accum"], "hub_layers": None,
                "eval_examples": min(config.eval_examples, t["eval_examples"]),
                "max_length": min(config.max_length, t["max_length"]),
                "max_steps": max(t["min_steps"], round(config.max_steps / t["steps_divisor"]))}

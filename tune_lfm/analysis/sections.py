@@ -115,8 +115,9 @@ def _comparison(analysis: Analysis) -> list[Block]:
     if comparison.empty:
         return blocks + [Paragraph("No completed trial matches a published configuration.")]
     mismatched = int((~comparison["params_match"]).sum())
+    matched, completed = comparison["trial_id"].nunique(), analysis.done["trial_id"].nunique()
     blocks.append(Paragraph(
-        f"{comparison['trial_id'].nunique()} of {analysis.done['trial_id'].nunique()} completed trials match a published configuration; "
+        f"{matched} of {completed} completed trials match a published configuration; "
         f"{analysis.unmatched_reference} published rows have no matching trial. Mean train_loss difference "
         f"{comparison['train_loss_delta'].mean():+.3g}, mean kl difference {comparison['kl_delta'].mean():+.3g}; "
         f"trainable params differ in {mismatched} matched trial(s). Published numbers are averaged where the study "

@@ -1,0 +1,87 @@
+"""Every shipped sweep validates and plans the study's trial counts; malformed sweeps get named errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tune_lfm.config import ConfigError
+from tune_lfm.spaces import load_sweep, plan_trials
+
+EXPECTED = {"datasets": 10, "optimizers": 4, "learning_rate": 4, "rank": 5, "targets": 6, "duration": 6, "study": 30}
+
+
+@pytest.mark.parametrize("name,count", EXPECTED.items())
+@pytest.mark.parametrize("scale", ["full", "tiny"])
+def test_shipped_sweeps_plan_expected_trials(name, count, scale):
+    trials = plan_trials(load_sweep(name), scale)
+    assert len(trials) == count
+    if scale == "tiny":
+        assert all(t.config.model == "tiny-lfm2" and t.config.data_source == "embedded" for t in trials)
+
+
+def test_study_lists_the_shared_default_under_every_sweep():
+    trials = plan_trials(load_sweep("study"), "full")
+    assert sum(len(t.sweeps) for t in trials) == 35
+    default = [t for t in trials if len(t.sweeps) > 1]
+    assert {s for t in default for s in t.sweeps} == {"datasets", "optimizers", "learning_rate", "rank", "targets",
+                                                     "duration"}
+
+
+def test_pareto_is_an_optuna_multi_objective_search():
+    sweep = load_sweep("pareto")
+    assert sweep.algorithm == "optuna"
+    assert sweep.objectives == {"train_loss": "min", "kl": "min", "trainable_params": "min"}
+    assert sweep.dimensions["learning_rate"].kind == "loguniform"
+
+
+def test_dry_run_json_computes_adapter_sizes_without_weights():
+    out = subprocess.run([sys.executable, "-m", "tune_lfm.search", "targets", "--dry-run", "--json", "--scale",
+                          "full"], capture_output=True, text=True, timeout=120, check=True)
+    rows = json.loads(out.stdout)
+    assert [r["trainable_params"] for r in rows] == [65_536, 212_992, 262_144, 229_376, 475_136, 737_280]
+
+
+BAD_SWEEPS = [
+    ("sweep: [oops\n", "not valid YAML"),
+    ("colour: red\n", "unknown top-level key"),
+    ("sweep: {lora_rnk: {grid: [2, 4]}}\n", "`lora_rnk` is not a trial setting"),
+    ("sweep: {lora_rank: {grid: []}}\n", "non-empty list"),
+    ("sweep: {lora_rank: {range: [1, 2]}}\n", "unknown kind `range`"),
+    ("sweep: {learning_rate: {loguniform: [0, 1]}}\nsearch: {algorithm: random}\n", "bounds must be > 0"),
+    ("sweep: {learning_rate: {loguniform: [1.0e-4, 1.0e-3]}}\n", "sampled dimensions"),
+    ("fixed: {lora_rank: eight}\n", "`lora_rank` must be int"),
+    ("search: {algorithm: hyperband}\n", "not one of grid, random, optuna"),
+    ("search: {algorithm: optuna, objectives: {accuracy: max}}\n", "not a reported metric"),
+    ("resources: {gpus: 1}\n", "unknown key"),
+]
+
+
+@pytest.mark.parametrize("text,message", BAD_SWEEPS)
+def test_malformed_sweeps_name_file_and_key(tmp_path, text, message):
+    path = tmp_path / "mine.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message) as info:
+        load_sweep(str(path))
+    assert "mine.yaml" in str(info.value)
+
+
+def test_unknown_sweep_name_lists_known_ones():
+    with pytest.raises(ConfigError, match="known: .*datasets"):
+        load_sweep("datasetz")
+
+
+def test_bad_values_inside_a_grid_are_caught_when_planning(tmp_path):
+    path = tmp_path / "opt.yaml"
+    path.write_text("sweep: {optimizer: {grid: [adamw, sgd]}}\n")
+    with pytest.raises(ConfigError, match="opt.yaml: trial 1: `optimizer` is 'sgd'"):
+        plan_trials(load_sweep(str(path)), "tiny")
+
+
+def test_cli_reports_errors_without_a_traceback(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("sweep: {lora_rank: {grid: [two]}}\n")
+    out = subprocess.run([sys.executable, "-m", "tune_lfm.search", str(path), "--dry-run"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2 and "bad.yaml" in out.stderr and "Traceback" not in out.stderr
