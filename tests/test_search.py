@@ -108,3 +108,21 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path):
     assert len(after) == 4 and after.index.is_unique and set(after["status"]) == {"completed"}
     for trial_id, row in before.iterrows():  # finished trials were kept, not run again
         assert after.loc[trial_id, "finished_at"] == row["finished_at"]
+
+
+def test_injected_oom_is_recorded_then_recovers_on_retry(tmp_path):
+    space = tmp_path / "oom.yaml"
+    space.write_text("fixed: {dataset: alpaca, max_steps: 60, num_examples: 640}\nsweep: {seed: {grid: [1, 2]}}\n"
+                     "max_failures: 1\n")
+    plan = subprocess.run([sys.executable, "-m", "tune_lfm.search", str(space), "--dry-run", "--json", "--scale",
+                           "tiny"], capture_output=True, text=True, check=True, env=ENV)
+    import json
+
+    first, second = [row["trial_id"] for row in json.loads(plan.stdout)]
+    env = {**ENV, "TUNE_LFM_FAULTS": f"{first}:oom,{second}:raise"}
+    out = subprocess.run([sys.executable, "-m", "tune_lfm.search", str(space), "--storage", str(tmp_path), "--name",
+                          "oom", "--scale", "tiny"], capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "CUDA out of memory" in out.stderr
+    trials = pd.read_parquet(tmp_path / "oom" / "trials.parquet").set_index("trial_id")
+    assert set(trials["status"]) == {"completed"} and (trials["attempts"] == 2).all()

@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from .config import ConfigError
+from .faults import fire, injected_fault
 from .results import ExperimentRecord, StorageError, check_writable
 from .spaces import PlannedTrial, Sweep, config_id, load_sweep, plan_trials, scaled_config
 from .targets import needs_hub_layers, parse_spec, resolve_hub_layers, targets_for_model
@@ -123,6 +124,17 @@ def _scalar(value: Any) -> Any:
     return value
 
 
+def _attempt_number() -> int:
+    """1 on a trial's first run, 2 on its first retry, ... (a marker file per attempt in the trial's directory)."""
+    from ray import tune
+
+    trial_dir = tune.get_context().get_trial_dir()
+    os.makedirs(trial_dir, exist_ok=True)
+    attempt = 1 + sum(name.startswith(".attempt-") for name in os.listdir(trial_dir))
+    open(os.path.join(trial_dir, f".attempt-{attempt}"), "w").close()
+    return attempt
+
+
 def _hardware() -> dict[str, Any]:
     import ray
     import torch
@@ -143,6 +155,9 @@ def trainable(params: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(params.get("_threads", 1))))
     config = config_from_dict(params["config"], where="trial config")
     started = datetime.now(timezone.utc).isoformat()
+    fault = injected_fault(params["trial_id"])
+    if fault:
+        config = config.replace(**(fire(fault, _attempt_number()) or {}))
 
     def report_step(step: dict[str, Any]) -> None:
         tune.report({"kind": "step", **step})
