@@ -89,6 +89,33 @@ def describe_plan(trials: list[PlannedTrial], as_json: bool) -> str:
     return "\n".join(lines)
 
 
+def prepare_shared_inputs(configs: list) -> None:
+    """Load each model's tokenizer and prepare each distinct dataset subset once, in the driver, before trials start.
+
+    Trials then read the prepared subsets from the on-disk cache instead of streaming and tokenizing them again
+    (on a multi-node cluster, each node's first trial fills that node's cache). A failure here is only reported:
+    the trial that needs the data fails with the same error and is recorded, while the rest of the sweep runs.
+    """
+    from .models import load_tokenizer, resolve_model
+    from .trial import prepare_data
+
+    tokenizers: dict[str, Any] = {}
+    seen: set[tuple] = set()
+    for config in configs:
+        key = (config.model, config.dataset, config.num_examples, config.eval_examples, config.seed,
+               config.max_length, config.uses_embedded_data, json.dumps(config.user_datasets, sort_keys=True))
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            if config.model not in tokenizers:
+                tokenizers[config.model] = load_tokenizer(resolve_model(config.model))
+            prepare_data(config, tokenizers[config.model])
+        except Exception as err:  # recorded per trial when the trial runs; the sweep goes on
+            log(f"warning: could not prepare {config.dataset} for {config.model}: {type(err).__name__}: {err}")
+    log(f"prepared {len(seen)} dataset subset(s) for {len(tokenizers)} model(s)")
+
+
 def local_gpu_count() -> int:
     import torch
 
@@ -378,6 +405,7 @@ def run_search(args: argparse.Namespace) -> int:
         planned = with_hub_layers(plan_trials(sweep, scale, overrides))
         adapter_sizes(planned)  # validates every target set against its model before anything runs
         todo = [t for t in planned if t.trial_id not in finished]
+        prepare_shared_inputs([t.config for t in todo])
         param_space, total, search_alg = _param_space_for_plan(todo, threads), len(planned), None
         num_samples = 1 if todo else 0
     if num_samples == 0:

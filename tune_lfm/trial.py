@@ -9,8 +9,12 @@ KL from the base model on the probe set, and speed. `run_trial(config)` returns 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
 import math
+import os
+from pathlib import Path
 import sys
 import tempfile
 import time
@@ -22,6 +26,9 @@ from .targets import ResolvedTargets, parse_targets_arg
 
 Reporter = Callable[[dict[str, Any]], None]
 """Receives one dict per logged step: step, loss, learning_rate, grad_norm, tokens_seen, tokens_per_s, elapsed_s."""
+
+PREPARED_VERSION = 1
+"""Bump when tokenization or row selection changes what a cached prepared subset holds."""
 
 TRAIN_LOSS_TAIL = 0.10
 """train_loss is the mean logged loss over the last 10% of steps (at least one), smoothing step-to-step noise."""
@@ -57,14 +64,28 @@ def use_bf16(config: TrialConfig, device) -> bool:
 
 
 def prepare_data(config: TrialConfig, tokenizer) -> PreparedData:
-    """Dataset subset -> chat messages -> tokens with assistant-only labels, plus the fixed probe set."""
-    from .data.loading import load_dataset_split
-    from .data.probe import load_probe
+    """Dataset subset -> chat messages -> tokens with assistant-only labels, plus the fixed probe set.
+
+    The result is cached on disk (`$TUNE_LFM_CACHE/prepared`, keyed by everything that decides its content), so the
+    trials of a sweep that share a dataset subset and tokenizer prepare it once.
+    """
+    from .data.loading import default_cache_dir, load_dataset_split
+    from .data.probe import load_probe, probe_fingerprint
     from .data.registry import resolve_dataset
     from .data.tokens import tokenize_conversations
 
     spec = resolve_dataset(config.dataset, config.user_datasets)
     num_train = config.num_examples or config.max_steps * config.effective_batch
+    key = {"spec": dataclasses.asdict(spec), "num_train": num_train, "num_eval": config.eval_examples,
+           "seed": config.seed, "max_length": config.max_length, "embedded": config.uses_embedded_data,
+           "tokenizer": tokenizer.name_or_path, "vocab": len(tokenizer), "template": tokenizer.chat_template,
+           "probe": probe_fingerprint(), "rows": _source_fingerprint(spec, config.uses_embedded_data),
+           "version": PREPARED_VERSION}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    cache_file = default_cache_dir().parent / "prepared" / f"{config.dataset}-{digest}.json"
+    if cache_file.is_file():
+        return PreparedData(**json.loads(cache_file.read_text()))
+
     loaded = load_dataset_split(spec, num_train, config.eval_examples, embedded=config.uses_embedded_data,
                                 seed=config.seed)
     if not loaded.train:
@@ -72,8 +93,24 @@ def prepare_data(config: TrialConfig, tokenizer) -> PreparedData:
     train = tokenize_conversations(tokenizer, loaded.train, config.max_length)
     held_out = tokenize_conversations(tokenizer, loaded.eval, config.max_length)
     probe = tokenize_conversations(tokenizer, load_probe(), config.max_length)
-    return PreparedData(train.examples, held_out.examples, probe.examples, loaded.rows_skipped,
+    data = PreparedData(train.examples, held_out.examples, probe.examples, loaded.rows_skipped,
                         train.dropped + held_out.dropped, loaded.source)
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    partial = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.tmp")
+    partial.write_text(json.dumps(dataclasses.asdict(data)))
+    os.replace(partial, cache_file)
+    return data
+
+
+def _source_fingerprint(spec, embedded: bool) -> str | None:
+    """Content identity of local row files (embedded or user path), so editing them invalidates the cache."""
+    from .data.loading import EMBEDDED_DIR
+
+    path = EMBEDDED_DIR / spec.embedded if embedded and spec.embedded else (Path(spec.path) if spec.path else None)
+    if path is None or not path.is_file():
+        return None
+    stat = path.stat()
+    return f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
 def attach_lora(model, config: TrialConfig) -> tuple[Any, ResolvedTargets]:
