@@ -8,7 +8,7 @@ The corpus exists offline on any machine: docstrings of a fixed list of Python s
 little between Python versions, so BUILD_INFO.json records the version and the corpus sha256) and the training part of
 the ten study datasets' embedded rows, rendered with the chat template. The probe set and the eval part are never used.
 
-    python scripts/build_tiny_lfm2.py --out tune_lfm/models/tiny_lfm2 [--steps 400] [--seed 0]
+    python scripts/build_tiny_lfm2.py --out tune_lfm/models/tiny_lfm2 [--steps 800] [--seed 0]
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import json
 import math
 import platform
 import re
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -31,6 +32,9 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GenerationConfig, Lfm2Config, Lfm2ForCausalLM, PreTrainedTokenizerFast
 from transformers.utils.chat_template_utils import render_jinja_template
+
+# The corpus comes from this checkout's tune_lfm/data, also when another copy of tune_lfm is installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # LFM2's special tokens, at LFM2's ids (the list order is the id).
 SPECIAL_TOKENS = (
@@ -87,16 +91,16 @@ EVAL_BLOCKS = 48  # blocks scored at each evaluation, spread evenly over the spl
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="directory to write the model into")
-    parser.add_argument("--steps", type=int, default=400, help="pretraining optimizer steps")
+    parser.add_argument("--steps", type=int, default=800, help="pretraining optimizer steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--hidden-size", type=int, default=128)
     parser.add_argument("--ff-dim", type=int, default=384, help="block_ff_dim (FFN width, used as is)")
     parser.add_argument("--block-len", type=int, default=256, help="tokens per packed training block")
-    parser.add_argument("--batch-size", type=int, default=16, help="blocks per optimizer step")
-    parser.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate")
-    parser.add_argument("--warmup-steps", type=int, default=20)
-    parser.add_argument("--eval-every", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=8, help="blocks per optimizer step")
+    parser.add_argument("--lr", type=float, default=4e-3, help="peak AdamW learning rate")
+    parser.add_argument("--warmup-steps", type=int, default=30)
+    parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument(
         "--no-chat-rows",
@@ -108,8 +112,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.hidden_size % (2 * ATTENTION_HEADS):
-        parser.error(f"--hidden-size must be a multiple of {2 * ATTENTION_HEADS} ({ATTENTION_HEADS} heads, even head_dim "
-                     f"for rotary embeddings), got {args.hidden_size}")
+        parser.error(f"--hidden-size must be a multiple of {2 * ATTENTION_HEADS} ({ATTENTION_HEADS} heads, an even "
+                     f"head_dim for rotary embeddings), got {args.hidden_size}")
     if args.vocab_size <= len(SPECIAL_TOKENS) + 256:
         parser.error(f"--vocab-size must exceed {len(SPECIAL_TOKENS) + 256} (special tokens + byte alphabet)")
     return args
@@ -155,11 +159,9 @@ def stdlib_docstrings(module_names: tuple[str, ...]) -> tuple[list[str], list[st
     return documents, skipped
 
 
-def render_chat(messages: list[dict], add_generation_prompt: bool = False) -> str:
+def render_chat(messages: list[dict]) -> str:
     """The chat template applied exactly as transformers applies it for the saved tokenizer."""
-    rendered, _ = render_jinja_template(
-        conversations=[messages], chat_template=CHAT_TEMPLATE, bos_token=BOS, add_generation_prompt=add_generation_prompt
-    )
+    rendered, _ = render_jinja_template(conversations=[messages], chat_template=CHAT_TEMPLATE, bos_token=BOS)
     return rendered[0]
 
 
@@ -170,8 +172,8 @@ def embedded_chat_documents() -> tuple[list[str], dict[str, int]]:
         from tune_lfm.data.registry import DATASETS
     except ImportError as err:
         raise SystemExit(
-            f"the embedded chat rows are not importable ({err}); run from the repository root with tune_lfm on the "
-            "path, or pass --no-chat-rows to build from docstrings only"
+            f"the embedded chat rows are not importable from tune_lfm.data ({err}); finish tune_lfm/data first, or "
+            "pass --no-chat-rows to build from docstrings only"
         ) from err
     documents, counts = [], {}
     for name in sorted(DATASETS):
@@ -317,7 +319,9 @@ def pretrain(model: Lfm2ForCausalLM, train: torch.Tensor, heldout: torch.Tensor,
     for step in range(args.steps + 1):
         if step % args.eval_every == 0 or step == args.steps:
             heldout_loss = mean_loss(model, heldout, args.batch_size)
-            train_loss = sum(window) / len(window) if window else mean_loss(model, spread(train, EVAL_BLOCKS), args.batch_size)
+            train_loss = (
+                sum(window) / len(window) if window else mean_loss(model, spread(train, EVAL_BLOCKS), args.batch_size)
+            )
             curve["step"].append(step)
             curve["train_loss"].append(round(train_loss, 4))
             curve["heldout_loss"].append(round(heldout_loss, 4))

@@ -157,5 +157,6 @@ def test_corpus_covers_every_study_dataset(build_info):
 
 def test_files_are_small():
     sizes = {path.name: path.stat().st_size for path in MODEL_DIR.iterdir() if path.is_file()}
-    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "BUILD_INFO.json"} <= set(sizes)
+    expected = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "BUILD_INFO.json"}
+    assert expected <= set(sizes)
     assert sum(sizes.values()) <= 10 * 1024 * 1024

@@ -1,0 +1,434 @@
+"""The cluster side: manifests that agree with the CLI, a real 3-node Ray cluster on this machine (a lost worker node
+included), storage faults, and safety (no credentials leak, no code from YAML, no public dashboard).
+
+The driver-killed/--resume, raising, NaN and OOM drills run on local Ray in test_search.py; here the same guarantees
+(nothing lost, nothing duplicated) are checked where only a cluster can break them.
+"""
+
+import importlib.util
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from tune_lfm.config import ConfigError
+from tune_lfm.results import read_parquet, write_parquet_atomic
+from tune_lfm.search import build_parser, with_hub_layers
+from tune_lfm.spaces import load_sweep, plan_trials
+
+ROOT = Path(__file__).resolve().parent.parent
+CLUSTER_DIR = ROOT / "cluster"
+DUMMY_KEY_ID = "AKIATUNELFMDUMMY7Q3Z"
+DUMMY_SECRET = "tuneLfmDummySecret/never-leaks+5b1f0c9e"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "RAY_DEDUP_LOGS": "0",
+       "RAY_AUTH_MODE": "token", "AWS_ACCESS_KEY_ID": DUMMY_KEY_ID, "AWS_SECRET_ACCESS_KEY": DUMMY_SECRET}
+TINY_TRIAL = "fixed: {dataset: alpaca, max_steps: 60, num_examples: 320}\nmax_failures: 1\n"  # 4 steps at tiny scale
+
+
+def local_cluster_module():
+    spec = importlib.util.spec_from_file_location("local_cluster", CLUSTER_DIR / "local_cluster.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def yaml_documents(path: Path) -> list:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+
+
+def search_args(command: str):
+    """The real CLI parser applied to a `python -m tune_lfm.search ...` command line."""
+    words = shlex.split(command)
+    start = words.index("tune_lfm.search") + 1
+    return build_parser().parse_args(words[start:])
+
+
+# ---------------------------------------------------------------- manifests
+
+def test_launcher_config_is_valid_for_ray_up_and_installs_the_project():
+    import jsonschema
+    import ray.autoscaler
+
+    config = yaml.safe_load((CLUSTER_DIR / "aws.yaml").read_text())
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    jsonschema.validate(config, schema)  # the schema `ray up` checks configs against
+    assert config["provider"]["type"] == "aws" and config["cluster_name"]
+    node_types = config["available_node_types"]
+    assert config["head_node_type"] in node_types
+    gpu_types = [name for name, spec in node_types.items() if spec["resources"].get("GPU", 0) > 0]
+    assert gpu_types and all(node_types[name]["max_workers"] >= 1 for name in gpu_types)
+    assert node_types[config["head_node_type"]]["resources"].get("GPU", 0) == 0
+    mounted = [remote for remote, local in config["file_mounts"].items() if local == "."]
+    assert any(re.search(rf"pip install .*{re.escape(remote)}", cmd) for remote in mounted
+               for cmd in config["setup_commands"]), "setup_commands must pip install the mounted checkout"
+    head_start = " ".join(config["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head_start  # reached through `ray dashboard` (an SSH tunnel) only
+
+
+def _kuberay(kind: str) -> dict:
+    [doc] = yaml_documents(CLUSTER_DIR / "kuberay" / f"{kind.lower()}.yaml")
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == kind
+    return doc
+
+
+def _cluster_spec(kind: str) -> dict:
+    doc = _kuberay(kind)
+    return doc["spec"] if kind == "RayCluster" else doc["spec"]["rayClusterSpec"]
+
+
+@pytest.mark.parametrize("kind", ["RayCluster", "RayJob"])
+def test_kuberay_cluster_has_a_gpu_worker_group_the_project_image_and_shared_storage(kind):
+    spec = _cluster_spec(kind)
+    claim = yaml_documents(CLUSTER_DIR / "kuberay" / "shared-storage.yaml")[0]
+    assert claim["kind"] == "PersistentVolumeClaim" and "ReadWriteMany" in claim["spec"]["accessModes"]
+    pods = [spec["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in spec["workerGroupSpecs"]]
+    gpu_groups = [g for g in spec["workerGroupSpecs"]
+                  if int(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0)) > 0]
+    assert gpu_groups and all(g["maxReplicas"] >= g["replicas"] >= g["minReplicas"] for g in gpu_groups)
+    dockerfile = (CLUSTER_DIR / "Dockerfile").read_text()
+    assert re.search(r"pip install .*-e", dockerfile) and spec["rayVersion"] in dockerfile
+    for pod in pods:
+        claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]
+                  if "persistentVolumeClaim" in v}
+        assert claim["metadata"]["name"] in claims.values()
+        container = pod["containers"][0]
+        assert container["image"] == spec["headGroupSpec"]["template"]["spec"]["containers"][0]["image"]
+        assert any(m["name"] in claims and m["mountPath"] == "/mnt/shared" for m in container["volumeMounts"])
+
+
+def test_rayjob_entrypoint_is_a_valid_search_of_a_real_sweep_on_shared_storage():
+    job = _kuberay("RayJob")["spec"]
+    args = search_args(job["entrypoint"])
+    sweep = load_sweep(args.space)  # names a shipped sweep that validates
+    assert plan_trials(sweep, "tiny")
+    assert args.storage.startswith("file:///mnt/shared/") and args.resume and args.name  # idempotent on retries
+    assert job["shutdownAfterJobFinishes"] is True
+
+
+def test_rayjob_creates_the_same_cluster_as_the_raycluster_manifest():
+    assert _cluster_spec("RayJob") == _cluster_spec("RayCluster")
+
+
+def test_every_search_command_in_the_cluster_readme_parses_and_uses_shared_storage():
+    readme = (CLUSTER_DIR / "README.md").read_text()
+    shell = "\n".join(re.findall(r"```bash\n(.*?)```", readme, flags=re.S))
+    commands = [line.split(" #")[0] for line in shell.splitlines() if "python -m tune_lfm.search" in line]
+    assert len(commands) >= 4
+    for command in commands:
+        args = search_args(command)
+        load_sweep(args.space)
+        assert "://" in args.storage, command  # a cluster needs storage every node reaches
+
+
+def test_no_credentials_in_cluster_files():
+    key_id = re.compile(r"\b(AKIA|ASIA)[A-Z0-9]{16}\b")
+    literal_secret = re.compile(r"(?i)(secret|password|token|access_key)[\w-]*\s*[:=]\s*['\"]?[A-Za-z0-9/+]{20,}")
+    for path in CLUSTER_DIR.rglob("*"):
+        if path.is_file() and path.suffix in (".yaml", ".md", ".py", "") and "__pycache__" not in path.parts:
+            text = path.read_text()
+            assert not key_id.search(text) and not literal_secret.search(text), path
+    for path in (CLUSTER_DIR / "kuberay").glob("*.yaml"):
+        for doc in yaml_documents(path):
+            for env in _env_entries(doc):
+                if re.search(r"(?i)secret|key|token|password", env["name"]):
+                    assert "valueFrom" in env and "value" not in env, (path, env["name"])
+
+
+def _env_entries(node):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "env":
+                yield from value
+            else:
+                yield from _env_entries(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _env_entries(item)
+
+
+# ---------------------------------------------------------------- storage faults (no Ray)
+
+def test_a_reader_always_sees_a_complete_trials_file_while_it_is_rewritten(tmp_path):
+    """The supported mid-sweep readers get one whole version: results.read_parquet, or pandas on one open handle.
+
+    (Readers that open the path twice, such as pd.read_parquet(path), polars and DuckDB, can pair the footer of one
+    version with the pages of the next; cluster/README.md says to read with these two while a sweep runs.)
+    """
+    uri = str(tmp_path / "trials.parquet")
+    write_parquet_atomic(pd.DataFrame({"n": [1], "payload": ["x"]}), uri)
+    done, reads, failures = threading.Event(), [], []
+
+    def writer():
+        for i in range(300):
+            rows = 1 + (i * 37) % 400
+            write_parquet_atomic(pd.DataFrame({"n": [rows] * rows, "payload": [f"{i}-{j}" * 20 for j in range(rows)]}),
+                                 uri)
+        done.set()
+
+    def via_handle():
+        with open(uri, "rb") as handle:
+            return pd.read_parquet(handle)
+
+    def reader():
+        while not done.is_set():
+            for read in (read_parquet, via_handle):
+                try:
+                    frame = read(uri) if read is read_parquet else read()
+                    if len(frame) != frame["n"].iloc[0]:
+                        failures.append(f"{read.__name__}: {len(frame)} rows in a file written with {frame['n'].iloc[0]}")
+                    reads.append(len(frame))
+                except Exception as err:  # a torn or half-written file
+                    failures.append(f"{read.__name__}: {err!r}")
+
+    threads = [threading.Thread(target=writer), threading.Thread(target=reader)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not failures, failures[:3]
+    assert len(reads) > 20 and len(set(reads)) > 5  # the reader really overlapped many rewrites
+    assert not list(tmp_path.glob("*.tmp-*"))
+
+
+WRITE_WITH_A_FILE_SIZE_LIMIT = """
+import os, resource, signal, sys
+from tune_lfm.results import ExperimentRecord, StorageError
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # so a write past the limit fails with EFBIG, as on a full disk
+record = ExperimentRecord(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_FSIZE, (64_000, 64_000))
+try:
+    record.set_trial({"trial_id": "big", "status": "failed", "error": os.urandom(300_000).hex()})
+except StorageError as err:
+    print(f"StorageError: {err}")
+    sys.exit(3)
+"""
+
+
+def test_storage_failing_mid_write_gives_a_clear_error_and_keeps_the_previous_dataframe(tmp_path):
+    from tune_lfm.results import ExperimentRecord
+
+    ExperimentRecord(str(tmp_path)).set_trial({"trial_id": "done", "status": "completed", "train_loss": 1.5})
+    out = subprocess.run([sys.executable, "-c", WRITE_WITH_A_FILE_SIZE_LIMIT, str(tmp_path)], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 3, out.stderr[-2000:]
+    assert "StorageError: cannot write" in out.stdout and "trials.parquet" in out.stdout
+    trials = pd.read_parquet(tmp_path / "trials.parquet")
+    assert list(trials["trial_id"]) == ["done"] and trials["train_loss"].iloc[0] == 1.5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["history.parquet", "trials.parquet"]  # no partial file
+
+
+# ---------------------------------------------------------------- safety (no Ray)
+
+def test_sweep_yaml_cannot_run_code(tmp_path):
+    marker = tmp_path / "executed"
+    space = tmp_path / "evil.yaml"
+    space.write_text(f"fixed: !!python/object/apply:os.system ['touch {marker}']\nsweep: {{seed: {{grid: [1]}}}}\n")
+    with pytest.raises(ConfigError, match=r"evil\.yaml: not valid YAML.*python/object"):
+        load_sweep(str(space))
+    assert not marker.exists()
+
+
+def test_local_mode_starts_ray_without_a_dashboard(monkeypatch):
+    import ray
+
+    from tune_lfm import search
+
+    calls = []
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    search._connect_ray(None)
+    [kwargs] = calls
+    assert kwargs["include_dashboard"] is False and kwargs["dashboard_host"] == "127.0.0.1"
+
+
+def test_local_cluster_dashboard_when_asked_for_listens_on_loopback_only():
+    local_cluster = local_cluster_module()
+    ports = {"gcs": 1, "dashboard": 2}
+    head = local_cluster.node_command("head", "", 1, 0, Path("/tmp/x"), True, ports)
+    assert "--include-dashboard=true" in head and "--dashboard-host=127.0.0.1" in head
+    off = local_cluster.node_command("head", "", 1, 0, Path("/tmp/x"), False, ports)
+    assert "--include-dashboard=false" in off
+
+
+# ---------------------------------------------------------------- a 3-node Ray cluster on this machine
+
+def run_search(*args, timeout=400):
+    return subprocess.run([sys.executable, "-m", "tune_lfm.search", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=ENV, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Head (1 CPU, no GPU) + 2 workers (1 CPU, 1 logical GPU each), started by the shipped script; always stopped.
+
+    The nodes see the dummy AWS credentials too, as cluster machines would see real ones.
+    """
+    state_dir = Path(tempfile.mkdtemp(prefix="tlfm"))  # short: Ray's socket paths live under it
+    script = [sys.executable, str(CLUSTER_DIR / "local_cluster.py"), "--state-dir", str(state_dir)]
+    try:
+        out = subprocess.run([*script, "start", "--workers", "2"], capture_output=True, text=True, timeout=300,
+                             env=ENV)
+        assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+        state = json.loads(subprocess.run([*script, "status", "--json"], capture_output=True, text=True, check=True,
+                                          env=ENV).stdout)
+        assert [n["name"] for n in state["nodes"]] == ["head", "worker-1", "worker-2"]
+        assert all(n["alive"] for n in state["nodes"]) and len({n["node_id"] for n in state["nodes"]}) == 3
+        yield {"script": script, "state": state, "state_dir": state_dir}
+    finally:
+        subprocess.run([*script, "stop"], capture_output=True, timeout=120, env=ENV)
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def sweep_file(tmp_path: Path, seeds: list[int]) -> Path:
+    path = tmp_path / "seeds.yaml"
+    path.write_text(TINY_TRIAL + f"sweep: {{seed: {{grid: {seeds}}}}}\n")
+    return path
+
+
+def planned_ids(space: Path) -> set[str]:
+    """Trial ids exactly as the CLI plans them (hub layers resolved), without Ray."""
+    return {t.trial_id for t in with_hub_layers(plan_trials(load_sweep(str(space)), "tiny"))}
+
+
+@pytest.fixture(scope="module")
+def spread_sweep(cluster, tmp_path_factory):
+    """Two one-GPU trials submitted with --address: each worker has one logical GPU, so they must spread."""
+    tmp = tmp_path_factory.mktemp("spread")
+    space = sweep_file(tmp, [1, 2])
+    out = run_search(space, "--scale", "tiny", "--address", cluster["state"]["address"], "--storage",
+                     f"file://{tmp}/shared", "--name", "spread", "--gpus-per-trial", "1")
+    return {"out": out, "dir": tmp / "shared" / "spread", "plan": planned_ids(space)}
+
+
+@pytest.mark.slow
+def test_trials_spread_over_worker_nodes_and_land_in_shared_storage(cluster, spread_sweep):
+    out = spread_sweep["out"]
+    assert out.returncode == 0, out.stderr[-3000:]
+    trials = pd.read_parquet(spread_sweep["dir"] / "trials.parquet")
+    assert set(trials["trial_id"]) == spread_sweep["plan"] and trials["trial_id"].is_unique
+    assert set(trials["status"]) == {"completed"}
+    workers = {n["node_id"] for n in cluster["state"]["nodes"] if n["name"].startswith("worker")}
+    assert set(trials["node_id"]) == workers  # one trial on each worker, none on the GPU-less head
+    history = pd.read_parquet(spread_sweep["dir"] / "history.parquet")
+    assert set(history["trial_id"]) == spread_sweep["plan"]
+
+
+@pytest.mark.slow
+def test_credentials_in_the_environment_reach_no_result_or_output(spread_sweep):
+    out = spread_sweep["out"]
+    assert out.returncode == 0, out.stderr[-3000:]
+    for text in (out.stdout, out.stderr):
+        assert DUMMY_KEY_ID not in text and DUMMY_SECRET not in text
+    for name in ("trials.parquet", "history.parquet"):
+        frame = pd.read_parquet(spread_sweep["dir"] / name)
+        assert not frame.astype(str).apply(lambda col: col.str.contains("TUNELFMDUMMY|tuneLfmDummy")).any().any()
+    written = [p for p in spread_sweep["dir"].rglob("*") if p.is_file()]  # Ray's state, params, results too
+    assert len(written) > 5
+    assert not files_containing(written, DUMMY_KEY_ID, DUMMY_SECRET)
+
+
+@pytest.mark.slow
+def test_credentials_in_the_driver_environment_reach_no_ray_log(cluster, spread_sweep):
+    """Ray Tune copies AWS_* variables from the driver into each trial's runtime_env, and Ray's runtime-env agent
+    logs runtime_envs in plain text on every node; the driver must keep them out (trials use their node's own)."""
+    assert spread_sweep["out"].returncode == 0
+    logs = [p for p in Path(cluster["state"]["temp_dir"]).rglob("logs/*") if p.is_file()]
+    assert len(logs) > 10
+    assert not files_containing(logs, DUMMY_KEY_ID, DUMMY_SECRET)
+
+
+def files_containing(paths: list[Path], *needles: str) -> list[str]:
+    return [str(p) for p in paths if any(n.encode() in p.read_bytes() for n in needles)]
+
+
+@pytest.mark.slow
+def test_local_cluster_dashboard_process_listens_on_loopback_only(cluster):
+    """Ray always runs its dashboard process (headless without ray[default]); the script binds it to 127.0.0.1."""
+    local_cluster = local_cluster_module()
+    processes = [p for node in cluster["state"]["nodes"] for p in local_cluster.node_processes(node["pid"])]
+    dashboards = [p for p in processes if any(arg.endswith("dashboard/dashboard.py") for arg in p.cmdline())]
+    assert dashboards
+    for process in dashboards:
+        assert "--host=127.0.0.1" in process.cmdline()
+        for connection in process.net_connections(kind="inet"):
+            if connection.status == "LISTEN":
+                assert connection.laddr.ip in ("127.0.0.1", "::1"), connection
+
+
+@pytest.mark.slow
+def test_local_storage_path_is_refused_on_a_multi_node_cluster(cluster, tmp_path):
+    out = run_search(sweep_file(tmp_path, [1]), "--scale", "tiny", "--address", cluster["state"]["address"],
+                     "--storage", tmp_path / "local")
+    assert out.returncode == 2
+    assert "is a local path, but the Ray cluster has 3 nodes" in out.stderr and "s3://" in out.stderr
+    assert not (tmp_path / "local").exists()
+
+
+@pytest.mark.slow
+def test_unwritable_storage_fails_before_any_trial_with_a_clear_error(cluster, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    out = run_search(sweep_file(tmp_path, [1]), "--scale", "tiny", "--address", cluster["state"]["address"],
+                     "--storage", f"file://{blocker}/sweeps", "--name", "never")
+    assert out.returncode == 2
+    assert re.search(rf"error: experiment storage file://{re.escape(str(blocker))}/sweeps/never is not writable",
+                     out.stderr), out.stderr[-2000:]
+    assert "Trial status" not in out.stderr + out.stdout and not list(tmp_path.rglob("*.parquet"))
+
+
+def running_trial(local_cluster, node_pid: int) -> bool:
+    """Whether a Tune trial actor (process title `ray::ImplicitFunc...`) runs among a node's processes."""
+    for process in local_cluster.node_processes(node_pid):
+        try:
+            if " ".join(process.cmdline()).startswith("ray::ImplicitFunc"):
+                return True
+        except Exception:  # the process ended while we looked
+            continue
+    return False
+
+
+@pytest.mark.slow
+def test_lost_worker_node_its_trial_is_retried_elsewhere_and_the_sweep_completes(cluster, tmp_path):
+    """SIGKILL worker-2 (raylet and all) as soon as a trial runs there: the trial is retried on worker-1."""
+    local_cluster = local_cluster_module()
+    victim = next(n for n in cluster["state"]["nodes"] if n["name"] == "worker-2")
+    space = sweep_file(tmp_path, [3, 4])
+    experiment = tmp_path / "shared" / "lost-node"
+    log = tmp_path / "driver.log"
+    with open(log, "w") as sink:
+        driver = subprocess.Popen([sys.executable, "-m", "tune_lfm.search", str(space), "--scale", "tiny", "--address",
+                                   cluster["state"]["address"], "--storage", f"file://{tmp_path}/shared", "--name",
+                                   "lost-node", "--gpus-per-trial", "1"], env=ENV, cwd=ROOT, stdout=sink,
+                                  stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 240
+        while not running_trial(local_cluster, victim["pid"]):
+            assert time.time() < deadline and driver.poll() is None, "no trial ever started on worker-2"
+            time.sleep(0.2)
+        killed = subprocess.run([*cluster["script"], "kill", "worker-2"], capture_output=True, text=True, env=ENV)
+        assert killed.returncode == 0, killed.stderr
+        driver.wait(timeout=400)
+    finally:
+        driver.kill()
+    assert driver.returncode == 0, log.read_text()[-3000:]
+    assert not local_cluster.node_processes(victim["pid"])
+
+    trials = pd.read_parquet(experiment / "trials.parquet")
+    assert trials["trial_id"].is_unique and set(trials["trial_id"]) == planned_ids(space)  # nothing lost or doubled
+    assert set(trials["status"]) == {"completed"}
+    assert victim["node_id"] not in set(trials["node_id"])
+    assert sorted(trials["attempts"]) == [1, 2]  # the trial on the lost node failed once, then ran elsewhere
+    history = pd.read_parquet(experiment / "history.parquet")
+    assert not history.duplicated(["trial_id", "step"]).any()
+    assert (history.groupby("trial_id")["step"].max() == 4).all()

@@ -1,0 +1,144 @@
+"""Per-layer scores of a causal LM on the probe set, from n_layers + 1 forward passes.
+
+- influence: 1 - mean cosine similarity between a decoder layer's input and output hidden state (how much the layer
+  turns the residual stream).
+- ablation: the rise in probe loss (nats per token) when the layer is skipped, i.e. returns its input unchanged, so
+  its whole residual contribution (mixer and FFN) is removed.
+
+Both are measured at the positions whose next token is an assistant token of the probe, the positions at which the
+trial's loss and KL are measured, and accumulated in float32/float64 whatever the model's dtype. Sums are kept per
+conversation so any subset of the probe (the two halves of the noise floor) is scored without another pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .. import metrics
+from ..data.tokens import IGNORE_INDEX
+from ..targets import decoder_layers
+
+METHODS = ("influence", "ablation")
+
+
+def probe_examples(tokenizer, max_length: int) -> list[dict]:
+    """The probe conversations tokenized with assistant-only labels, cut at `max_length` tokens."""
+    from ..data.probe import load_probe
+    from ..data.tokens import tokenize_conversations
+
+    return tokenize_conversations(tokenizer, load_probe(), max_length).examples
+
+
+def tokens_digest(examples: list[dict]) -> str:
+    """sha256 of the token ids and labels: base and tuned scores are comparable only on identical tokens."""
+    payload = json.dumps([[e["input_ids"], e["labels"]] for e in examples], separators=(",", ":"))
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+@dataclass
+class ProbeSums:
+    """Per-conversation sums over scored positions (float64, CPU); C conversations, L layers."""
+
+    cosine: torch.Tensor
+    """(C, L): sum of cos(layer input, layer output)."""
+    base_nll: torch.Tensor
+    """(C,): sum of next-token negative log-likelihood, nothing skipped."""
+    skipped_nll: torch.Tensor
+    """(C, L): the same with layer l skipped."""
+    tokens: torch.Tensor
+    """(C,): scored positions."""
+
+    @classmethod
+    def zeros(cls, conversations: int, layers: int) -> ProbeSums:
+        return cls(*(torch.zeros(shape, dtype=torch.float64)
+                     for shape in [(conversations, layers), conversations, (conversations, layers), conversations]))
+
+    def scores(self, rows: list[int] | None = None) -> dict[str, list[float]]:
+        """Token-weighted scores over the conversations `rows` (all by default)."""
+        pick = slice(None) if rows is None else torch.tensor(rows, dtype=torch.long)
+        count = self.tokens[pick].sum()
+        base_loss = self.base_nll[pick].sum() / count
+        return {"influence": (1 - self.cosine[pick].sum(0) / count).tolist(),
+                "ablation": (self.skipped_nll[pick].sum(0) / count - base_loss).tolist()}
+
+    def loss(self) -> float:
+        return (self.base_nll.sum() / self.tokens.sum()).item()
+
+
+def _layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _layer_output(output) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _skip(module, args, kwargs, output):
+    """Forward hook: the layer returns its input, as if it were not there."""
+    hidden = _layer_input(args, kwargs)
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
+def _cosine_recorder(keep: torch.Tensor, rows: torch.Tensor, into: torch.Tensor):
+    """Forward hook adding, per batch row, the summed cos(layer input, layer output) at scored positions to `into`."""
+
+    def hook(module, args, kwargs, output):
+        hidden_in = _layer_input(args, kwargs)[:, :-1][keep].float()
+        hidden_out = _layer_output(output)[:, :-1][keep].float()
+        into.index_add_(0, rows, F.cosine_similarity(hidden_in, hidden_out, dim=-1).double().cpu())
+
+    return hook
+
+
+@contextlib.contextmanager
+def _hooked(pairs):
+    """Forward hooks (with kwargs) on (module, hook) pairs for the duration of the block."""
+    handles = [module.register_forward_hook(hook, with_kwargs=True) for module, hook in pairs]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _row_nll(model, batch: dict, device, rows: torch.Tensor) -> torch.Tensor:
+    """Per-row sum of next-token NLL at scored positions (the LM head runs on those positions only)."""
+    hidden, targets = metrics._scored_hidden(model, batch, device)
+    total = torch.zeros(len(batch["input_ids"]), dtype=torch.float64)
+    for start in range(0, len(targets), metrics.SCORED_CHUNK):
+        log_probs = metrics._log_probs(model, hidden[start : start + metrics.SCORED_CHUNK])
+        nll = -log_probs.gather(-1, targets[start : start + metrics.SCORED_CHUNK, None]).squeeze(-1)
+        total.index_add_(0, rows[start : start + metrics.SCORED_CHUNK], nll.double().cpu())
+    return total
+
+
+@torch.no_grad()
+def measure(model, examples: list[dict], batch_size: int, pad_token_id: int, device) -> ProbeSums:
+    """Run the probe once as is (recording every layer's input/output cosine) and once per skipped layer.
+
+    Conversations are batched shortest first, which cuts padding by about a quarter; sums stay in probe order.
+    """
+    layers = decoder_layers(model)
+    sums = ProbeSums.zeros(len(examples), len(layers))
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+    batched = metrics.batches([examples[i] for i in order], batch_size, pad_token_id)
+    for start, batch in zip(range(0, len(order), batch_size), batched):
+        probe_rows = torch.tensor(order[start : start + batch_size])
+        keep = batch["labels"][:, 1:] != IGNORE_INDEX
+        rows = keep.nonzero(as_tuple=True)[0]
+        keep_on_device = keep.to(device)
+        cosine = torch.zeros(len(keep), len(layers), dtype=torch.float64)
+        with _hooked((layer, _cosine_recorder(keep_on_device, rows, cosine[:, i])) for i, layer in enumerate(layers)):
+            sums.base_nll[probe_rows] = _row_nll(model, batch, device, rows)
+        sums.cosine[probe_rows] = cosine
+        for index, layer in enumerate(layers):
+            with _hooked([(layer, _skip)]):
+                sums.skipped_nll[probe_rows, index] = _row_nll(model, batch, device, rows)
+        sums.tokens[probe_rows] = keep.sum(1).double()
+    return sums
