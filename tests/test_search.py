@@ -39,7 +39,7 @@ def test_datasets_sweep_end_to_end_writes_both_dataframes(tmp_path):
 
     assert pl.read_parquet(tmp_path / "exp" / "trials.parquet").height == 10
     uri = str(tmp_path / "exp" / "trials.parquet")
-    assert duckdb.sql(f"select count(*) from '{uri}' where status = 'completed'").fetchone()[0] == 10
+    assert duckdb.sql(f"select count(*) from '{uri}' where status = 'completed'").fetchall()[0][0] == 10
 
 
 def test_failures_and_divergence_are_recorded_while_the_sweep_completes(tmp_path):

@@ -21,7 +21,8 @@ TRIAL_COLUMNS = [
     "trial_id", "sweep", "sweeps", "status", "error", "attempts", "scale", "model", "dataset", "optimizer",
     "learning_rate", "lora_rank", "lora_alpha", "lora_targets", "hub_layers", "max_steps", "num_examples", "seed",
     "trainable_params", "total_params", "train_loss", "eval_loss", "base_loss", "kl", "kl_p95", "hub_preserved",
-    "hub_rank_corr", "hub_topk_jaccard", "tokens_trained", "tokens_per_s", "train_s", "wall_s", "peak_mem_gb",
+    "hub_rank_corr", "hub_topk_jaccard", "tokens_trained", "tokens_per_s", "train_s", "prepare_s", "load_s", "eval_s",
+    "wall_s", "peak_mem_gb",
     "rows_skipped", "rows_dropped", "train_rows", "steps_completed", "data_source_used", "device", "precision_used",
     "node_id", "hostname", "gpu_name", "started_at", "finished_at",
 ]
@@ -75,10 +76,16 @@ def write_parquet_atomic(frame: pd.DataFrame, uri: str) -> None:
 
 
 def read_parquet(uri: str) -> pd.DataFrame | None:
+    """The whole file in one sequential read, then parsed: a reader racing a rewrite gets one version whole.
+
+    Readers that open the file more than once (pyarrow datasets, and so pd.read_parquet(path), polars, DuckDB) can
+    pair the footer of one version with the pages of the next while a sweep rewrites it.
+    """
     fs, path = _filesystem(uri)
     if fs.get_file_info(path).type == pafs.FileType.NotFound:
         return None
-    return pq.read_table(path, filesystem=fs).to_pandas()
+    with fs.open_input_stream(path) as stream:
+        return pq.read_table(pa.BufferReader(stream.read())).to_pandas()
 
 
 def check_writable(directory: str) -> None:

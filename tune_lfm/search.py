@@ -116,6 +116,19 @@ def prepare_shared_inputs(configs: list) -> None:
     log(f"prepared {len(seen)} dataset subset(s) for {len(tokenizers)} model(s)")
 
 
+def prepare_atlases(configs: list, device: str | None) -> None:
+    """Compute or load each model's hub atlas once, in the driver, before trials start: every trial compares its
+    adapter with it. `device` should be where trials run (cpu for CPU-only trials), since the atlas is keyed by
+    device and dtype; a trial that finds no matching atlas computes one and caches it."""
+    from .atlas import ensure_atlas
+
+    for model in sorted({config.model for config in configs}):
+        try:
+            log(f"hub atlas of {model}: hubs {ensure_atlas(model, device=device, log=log).hubs}")
+        except Exception as err:  # the trial that needs it fails with the same error and is recorded
+            log(f"warning: no hub atlas for {model}: {type(err).__name__}: {err}")
+
+
 def local_gpu_count() -> int:
     import torch
 
@@ -254,10 +267,12 @@ def _error_message(trial) -> str:
 
 
 def record_columns() -> set[str]:
+    from .atlas import PRESERVATION_KEYS
     from .config import FIELD_NAMES
     from .results import TRIAL_COLUMNS
 
-    return set(TRIAL_COLUMNS) | set(FIELD_NAMES) | {"target_modules", "target_layers", "model_kind"}
+    return (set(TRIAL_COLUMNS) | set(FIELD_NAMES) | set(PRESERVATION_KEYS)
+            | {"target_modules", "target_layers", "model_kind"})
 
 
 # ---------------------------------------------------------------- Ray wiring
@@ -338,6 +353,16 @@ def _refuse_local_storage_on_cluster(storage: str) -> None:
             "on an NFS mount that every node sees.")
 
 
+def _keep_credentials_out_of_trial_runtime_envs() -> None:
+    """Ray Tune copies AWS_* keys from the driver's environment into every trial's runtime_env, which Ray's
+    runtime-env agent writes in plain text to its log on each node. Trials take credentials from their own node
+    (instance profile, IRSA, the node's environment) instead."""
+    from ray.tune.execution import class_cache
+
+    class_cache.ENV_VARS_TO_PROPAGATE = class_cache.ENV_VARS_TO_PROPAGATE - {
+        "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN"}
+
+
 def latest_experiment(storage: str, sweep_name: str) -> str | None:
     if "://" in storage or not os.path.isdir(storage):
         return None
@@ -392,12 +417,18 @@ def run_search(args: argparse.Namespace) -> int:
         f"{max_concurrent or 'as resources allow'}")
 
     meta = {"scale": scale}
+    atlas_device = "cpu" if gpus == 0 else None
     finished = ExperimentRecord(experiment_dir).finished_ids() if args.resume else set()
     if args.resume:
         log(f"resuming {experiment_dir}: {len(finished)} finished trials are kept and not run again")
     if sweep.algorithm == "optuna":
         # Step reports carry the running loss; the objectives arrive with the final report of each trial.
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+        from .config import config_from_dict
+
+        # the sweep's fixed model; a model chosen per trial gets its atlas computed by its first trial
+        prepare_atlases([scaled_config(config_from_dict({**sweep.fixed, **overrides}, where=sweep.source), scale)],
+                        atlas_device)
         search_alg = _optuna_setup(sweep, scale, overrides, threads, experiment_dir)
         param_space, total = {}, sweep.num_samples
         num_samples = max(sweep.num_samples - len(finished), 0)
@@ -405,6 +436,7 @@ def run_search(args: argparse.Namespace) -> int:
         planned = with_hub_layers(plan_trials(sweep, scale, overrides))
         adapter_sizes(planned)  # validates every target set against its model before anything runs
         todo = [t for t in planned if t.trial_id not in finished]
+        prepare_atlases([t.config for t in todo], atlas_device)
         prepare_shared_inputs([t.config for t in todo])
         param_space, total, search_alg = _param_space_for_plan(todo, threads), len(planned), None
         num_samples = 1 if todo else 0
@@ -421,6 +453,7 @@ def run_search(args: argparse.Namespace) -> int:
     run_config = tune.RunConfig(name=name, storage_path=storage_path, verbose=1,
                                 callbacks=[results_callback(experiment_dir, meta, total)],
                                 failure_config=tune.FailureConfig(max_failures=sweep.max_failures))
+    _keep_credentials_out_of_trial_runtime_envs()
     tuner = tune.Tuner(tune.with_resources(trainable, {"cpu": cpus, "gpu": gpus}), param_space=param_space,
                        run_config=run_config,
                        tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, num_samples=num_samples,

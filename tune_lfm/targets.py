@@ -42,10 +42,9 @@ out_proj; `attn_layers` is attention layers only. The study's `all_linear` leave
 KNOWN_HUB_LAYERS = {
     "LiquidAI/LFM2.5-230M": [2, 3, 4, 5],
     "LiquidAI/LFM2.5-230M-Base": [2, 3, 4, 5],
-    "tiny-lfm2": [2, 3, 4, 5],
 }
-"""Hub layers for models whose hubs are published (two attention + two conv layers for LFM2.5-230M, as its parameter
-counts imply). Other models get theirs from `hub_layers` in the config, `--hub-layers`, or an atlas."""
+"""The study's published hub layers of LFM2.5-230M (two attention + two conv layers, as its parameter counts imply).
+Every other model gets its hubs from its atlas (`tune_lfm.atlas`), unless `hub_layers` / `--hub-layers` say them."""
 
 
 @dataclass(frozen=True)
@@ -119,13 +118,15 @@ def layer_types_of(config) -> list[str]:
 
 
 def resolve_hub_layers(model_name: str, explicit: list[int] | None) -> list[int]:
-    """Hub layers: the explicit list if given, else the model's known hubs; unknown models must say theirs."""
+    """Hub layers: the explicit list if given, else the published hubs, else the model's atlas (cached; computed
+    from the weights on first use, see `tune_lfm.atlas`)."""
     if explicit is not None:
         return list(explicit)
     if model_name in KNOWN_HUB_LAYERS:
         return list(KNOWN_HUB_LAYERS[model_name])
-    raise ConfigError(f"hub layers of '{model_name}' are not known: set hub_layers in the config or pass "
-                      "--hub-layers 2,3,4,5, or use a target set without layers: hub")
+    from .atlas import ensure_atlas
+
+    return list(ensure_atlas(model_name).hubs)
 
 
 def resolve_targets(model, specs: list[TargetSpec], hub_layers: list[int] | None) -> ResolvedTargets:

@@ -126,6 +126,15 @@ def attach_lora(model, config: TrialConfig) -> tuple[Any, ResolvedTargets]:
     return get_peft_model(model, lora), resolved
 
 
+def hub_preservation(model, tokenizer, config: TrialConfig, log: Callable[[str], None]) -> dict[str, Any]:
+    """Hub scores with the adapter enabled against the model's atlas, which the driver computed before the sweep (a
+    missing one is computed here once from this model with its adapter disabled, and cached for the next trials)."""
+    from .atlas import ensure_atlas, preservation
+
+    atlas = ensure_atlas(config.model, model=model, tokenizer=tokenizer, log=log)
+    return preservation(model, atlas, tokenizer)
+
+
 def _step_recorder(reporter: Reporter | None):
     """A TrainerCallback that logs every step, stops on a non-finite loss, and forwards steps to `reporter`."""
     from transformers import TrainerCallback
@@ -165,13 +174,15 @@ def _sft_config(config: TrialConfig, output_dir: str, bf16: bool, progress: bool
     from trl import SFTConfig
 
     from .optim import uses_own_schedule
+    from .packing import PADDING_FREE_ARGS
 
+    layout = PADDING_FREE_ARGS if config.packing else {"max_length": config.max_length}
     return SFTConfig(
         output_dir=output_dir, max_steps=config.max_steps, per_device_train_batch_size=config.batch_size,
         gradient_accumulation_steps=config.grad_accum, learning_rate=config.learning_rate,
         lr_scheduler_type="constant" if uses_own_schedule(config.optimizer) else config.lr_scheduler,
-        warmup_steps=config.warmup_steps, weight_decay=config.weight_decay, max_length=config.max_length,
-        packing=config.packing, gradient_checkpointing=config.gradient_checkpointing, bf16=bf16, fp16=False,
+        warmup_steps=config.warmup_steps, weight_decay=config.weight_decay, **layout,
+        gradient_checkpointing=config.gradient_checkpointing, bf16=bf16, fp16=False,
         seed=config.seed, data_seed=config.seed, logging_steps=config.logging_steps, logging_nan_inf_filter=False,
         include_num_input_tokens_seen="non_padding", save_strategy="no", eval_strategy="no", report_to="none",
         disable_tqdm=not progress, dataloader_num_workers=0, use_cpu=not _cuda_available(),
@@ -203,6 +214,7 @@ def run_trial(config: TrialConfig, reporter: Reporter | None = None, save_adapte
     from . import metrics
     from .models import load_model, load_tokenizer, resolve_model
     from .optim import build_optimizer, prepare_for_eval
+    from .packing import prepare_model_for_packing
 
     wall_start = time.perf_counter()
     set_seed(config.seed)
@@ -216,8 +228,12 @@ def run_trial(config: TrialConfig, reporter: Reporter | None = None, save_adapte
 
     tokenizer = load_tokenizer(ref)
     data = prepare_data(config, tokenizer)
+    prepared = time.perf_counter()
     model = load_model(ref, torch.bfloat16 if bf16 else torch.float32, device)
+    if config.packing:
+        prepare_model_for_packing(model)
     model, targets = attach_lora(model, config)
+    loaded = time.perf_counter()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
 
@@ -231,11 +247,14 @@ def run_trial(config: TrialConfig, reporter: Reporter | None = None, save_adapte
         trainer.train()
     prepare_for_eval(optimizer)
     model.eval()
+    eval_start = time.perf_counter()
 
     pad = tokenizer.pad_token_id
     eval_loss = metrics.mean_token_loss(model, data.eval, config.kl_batch_size, pad, device, adapter=True)
     base_loss = metrics.mean_token_loss(model, data.eval, config.kl_batch_size, pad, device, adapter=False)
     kl = metrics.kl_summary(metrics.per_token_kl(model, data.probe, config.kl_batch_size, pad, device))
+    hub = hub_preservation(model, tokenizer, config, log)
+    eval_s = time.perf_counter() - eval_start
     if save_adapter:
         model.save_pretrained(save_adapter)
 
@@ -246,10 +265,11 @@ def run_trial(config: TrialConfig, reporter: Reporter | None = None, save_adapte
         "lora_alpha": config.resolved_lora_alpha, "lora_targets": config.targets_label(),
         "status": "diverged" if recorder.diverged_at is not None else "completed",
         "error": f"non-finite loss at step {recorder.diverged_at}" if recorder.diverged_at is not None else None,
-        "train_loss": _train_loss(recorder.history), "eval_loss": eval_loss, "base_loss": base_loss, **kl,
+        "train_loss": _train_loss(recorder.history), "eval_loss": eval_loss, "base_loss": base_loss, **kl, **hub,
         "trainable_params": trainable, "total_params": total, "target_modules": len(targets.module_names),
         "target_layers": list(targets.layers), "steps_completed": int(trainer.state.global_step),
         "tokens_trained": tokens, "train_s": train_s, "tokens_per_s": tokens / train_s if train_s > 0 else math.nan,
+        "prepare_s": prepared - wall_start, "load_s": loaded - prepared, "eval_s": eval_s,
         "wall_s": time.perf_counter() - wall_start, "peak_mem_gb": metrics.peak_memory_gb(device),
         "rows_skipped": data.rows_skipped, "rows_dropped": data.rows_dropped, "train_rows": len(data.train),
         "data_source_used": data.source, "model_kind": ref.kind, "device": str(device),
