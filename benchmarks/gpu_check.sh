@@ -4,15 +4,15 @@
 #
 # Prepare here (repo root), once:   bash ../shared/device/make_wheels.sh schedulefree==1.4.1 lion-pytorch==0.2.5
 # Run with the device tool:         command "bash benchmarks/gpu_check.sh", carry [".whl"], timeout_s 600
-# Choose parts (default all):       bash benchmarks/gpu_check.sh equivalence throughput concurrent study
+# Choose parts (default: throughput concurrent study):
+#   bash benchmarks/gpu_check.sh equivalence throughput concurrent concurrent8 compile study
 # Knobs (environment): BUDGET_S (seconds for all parts, default 540), STEPS (optimizer steps per throughput arm, 30),
-#   STUDY_SPACE (sweep timed by study_wall, optimizers = 4 trials), STUDY_STEPS (30), STUDY_SET (extra --set, default
-#   packing=true: needs the trial.py integration of tune_lfm.packing).
+#   STUDY_SPACE (sweep timed by study_wall, optimizers = 4 trials), STUDY_STEPS (30), STUDY_SET (extra --set items).
 # Everything lands in $OUT: <part>.json (the benchmark's JSON), <part>.log (its stderr), steps.txt, summary.txt.
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu_check_out}
 mkdir -p "$OUT"
-PARTS=${*:-equivalence throughput concurrent study}
+PARTS=${*:-throughput concurrent study}
 DEADLINE=$(( $(date +%s) + ${BUDGET_S:-540} ))
 STEPS=${STEPS:-30}
 MODEL=LiquidAI/LFM2.5-230M
@@ -42,17 +42,19 @@ THROUGHPUT=(python3 benchmarks/throughput.py --model "$MODEL" --steps "$STEPS" -
 for part in $PARTS; do
   case $part in
     equivalence) run equivalence 120 python3 benchmarks/packing_equivalence.py --model "$MODEL" --device cuda ;;
-    throughput)
+    throughput)  # plain TRL against the trial path with its planned micro-batch, then at the study's micro-batch 4
       run throughput 180 "${THROUGHPUT[@]}"
-      run throughput_mb16 100 "${THROUGHPUT[@]}" --arms tune_lfm --micro-batch 16
-      run throughput_mb16_sdpa 100 "${THROUGHPUT[@]}" --arms tune_lfm --micro-batch 16 --attention sdpa ;;
-    concurrent) run concurrent4 150 "${THROUGHPUT[@]}" --micro-batch 16 --concurrent 4 ;;
+      run throughput_mb4 100 "${THROUGHPUT[@]}" --arms tune_lfm --micro-batch 4 ;;
+    concurrent) run concurrent4 150 "${THROUGHPUT[@]}" --arms tune_lfm --concurrent 4 ;;
+    concurrent8) run concurrent8 180 "${THROUGHPUT[@]}" --arms tune_lfm --concurrent 8 ;;  # is 4 per GPU the best?
+    compile) run throughput_compile 180 "${THROUGHPUT[@]}" --arms tune_lfm --compile ;;
     study)
-      read -ra extra <<< "${STUDY_SET:-packing=true}"
+      read -ra extra <<< "${STUDY_SET:-}"
       sets=(); for item in "${extra[@]}"; do sets+=(--set "$item"); done
       run study_wall 300 python3 benchmarks/study_wall.py --space "${STUDY_SPACE:-optimizers}" --scale full \
         --set "max_steps=${STUDY_STEPS:-30}" --set data_source=embedded "${sets[@]}" --log "$OUT/study_search.log" ;;
-    *) echo "unknown part '$part'; parts: equivalence throughput concurrent study" | tee -a "$OUT/steps.txt" ;;
+    *) echo "unknown part '$part'; parts: equivalence throughput concurrent concurrent8 compile study" \
+         | tee -a "$OUT/steps.txt" ;;
   esac
 done
 
@@ -74,7 +76,7 @@ if eq:
     for row in eq["models"]:
         print(f"  {row['precision']:>14} {row['attention']:>16} fixed={row['fixed']:.2e} leaky={row['leaky']:.2e} "
               f"scale={row['logit_scale']:.2f} ok={row['ok']}")
-for name in ("throughput", "throughput_mb16", "throughput_mb16_sdpa"):
+for name in ("throughput", "throughput_mb4", "throughput_compile"):
     report = load(name)
     for arm, row in (report or {}).get("arms", {}).items():
         print(f"{name:>22} {arm:>10} micro={row['micro_batch']:>2} {row['attention']:>16} "
@@ -83,13 +85,14 @@ for name in ("throughput", "throughput_mb16", "throughput_mb16_sdpa"):
     if report and "speedup" in report:
         print(f"{'':>22} speedup={report['speedup']:.2f} losses_agree={report['losses_agree']} "
               f"same_tokens={report['same_tokens']}")
-conc = load("concurrent4")
-if conc:
-    c = conc["concurrent"]
-    per_copy = [round(x) for x in c["per_copy_tokens_per_s"]]
-    memory = [round(m, 1) for m in c["per_copy_peak_mem_gb"]]
-    print(f"concurrent x{c['copies']}: aggregate {c['aggregate_tokens_per_s']:,.0f} tok/s "
-          f"(per copy {per_copy}, peak GiB {memory})")
+for name in ("concurrent4", "concurrent8"):
+    conc = load(name)
+    if conc:
+        c = conc["concurrent"]
+        per_copy = [round(x) for x in c["per_copy_tokens_per_s"]]
+        memory = [round(m, 1) for m in c["per_copy_peak_mem_gb"]]
+        print(f"concurrent x{c['copies']}: aggregate {c['aggregate_tokens_per_s']:,.0f} tok/s "
+              f"(per copy {per_copy}, peak GiB {memory})")
 wall = load("study_wall")
 if wall:
     print(f"study_wall {wall['command']}: {wall['wall_s']:.0f}s; study {wall['study']}; "

@@ -5,9 +5,10 @@ of optimizer steps on the same examples in the same order, with the same effecti
 the work is executed:
 
 - `plain_trl`: what a user gets from SFTTrainer's defaults: right-padded batches, gradient checkpointing on.
-- `tune_lfm`: what `TrialConfig(packing=True)` runs: padding-free rows (`tune_lfm.packing.PADDING_FREE_ARGS`) with
-  leak-free LFM2 packing and variable-length attention, no gradient checkpointing, `--micro-batch` conversations per
-  forward pass (accumulation adjusted so the effective batch is unchanged).
+- `tune_lfm`: what a trial runs: padding-free rows (`tune_lfm.packing.PADDING_FREE_ARGS`) with leak-free LFM2
+  packing and variable-length attention, no gradient checkpointing, and the micro-batch a trial plans
+  (`tune_lfm.memory.plan_micro_batch`: on a GPU the largest that fits, measured; `--micro-batch N` fixes it), with
+  accumulation adjusted so the effective batch is unchanged.
 
 Real tokens are the non-pad tokens the trainer consumed (`num_input_tokens_seen`, "non_padding"); tokens/s and step
 time are measured from the end of step `--warmup-steps` to the last step, so one-off start-up work is excluded.
@@ -18,8 +19,8 @@ final losses against `--loss-tolerance` (relative).
 `peak_mem_gb` is the CUDA high-water mark of allocated memory, reset per run; on the CPU it is the process's peak
 resident set size, which only grows, so there it bounds the runs so far rather than measuring one arm.
 
-`--concurrent N` runs N copies of the tune_lfm arm as separate processes at once (several trials sharing one GPU)
-and reports their aggregate throughput. Prints one JSON object; `--output` also writes it to a file.
+`--concurrent N` runs N copies of the tune_lfm arm as separate processes at once (several trials sharing one GPU,
+each held to 1/N of its memory as a trial is) and reports their aggregate throughput. Prints one JSON object; `--output` also writes it to a file.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--grad-accum", type=int, default=4, help="plain TRL's accumulation steps")
     parser.add_argument("--micro-batch", type=int,
                         help="tune_lfm conversations per forward pass; must divide the effective batch "
-                             "(default: --batch-size, as the trial runs it)")
+                             "(default: planned as a trial plans it)")
+    parser.add_argument("--gpu-share", type=float, help=argparse.SUPPRESS)  # set by --concurrent for its copies
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--examples", default="synthetic",
                         help="'synthetic' (lognormal lengths, median 350) or an embedded dataset name (alpaca, ...)")
@@ -84,9 +86,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = sorted(set(args.arms) - set(ARMS))
     if unknown or not args.arms:
         parser.error(f"--arms: unknown {unknown or 'empty list'}; allowed: {', '.join(ARMS)}")
-    args.micro_batch = args.micro_batch or args.batch_size
     effective = args.batch_size * args.grad_accum
-    if effective % args.micro_batch:
+    if args.micro_batch and effective % args.micro_batch:
         parser.error(f"--micro-batch {args.micro_batch} must divide the effective batch {effective} "
                      f"(--batch-size x --grad-accum)")
     if args.repeats < 1:
@@ -172,6 +173,7 @@ def run_arm(arm: str, args, examples: list[dict], device) -> dict:
 
     from tune_lfm import metrics
     from tune_lfm.config import TrialConfig
+    from tune_lfm.memory import memory_budget_gb, plan_micro_batch
     from tune_lfm.optim import build_optimizer
     from tune_lfm.packing import PADDING_FREE_ARGS, enable_leak_free_packing, prepare_model_for_packing
     from tune_lfm.trial import attach_lora
@@ -185,18 +187,24 @@ def run_arm(arm: str, args, examples: list[dict], device) -> dict:
     metrics.reset_peak_memory(device)
     model, tokenizer, weights = load_model_and_tokenizer(args.model, torch.bfloat16 if bf16 else torch.float32,
                                                          device)
-    if arm == "plain_trl":
-        micro_batch, execution = args.batch_size, {"max_length": args.max_length}  # TRL's own defaults otherwise
-    else:
-        micro_batch = args.micro_batch
+    if arm == "tune_lfm":
         if args.attention == "auto":
             prepare_model_for_packing(model)
         else:
             enable_leak_free_packing()
-        execution = {**PADDING_FREE_ARGS, "gradient_checkpointing": False, "torch_compile": args.compile}
     attention = model.config._attn_implementation
     set_seed(args.seed)  # identical LoRA initialisation in both arms
-    model, _ = attach_lora(model, TrialConfig(model=args.model, lora_targets=args.targets, lora_rank=args.rank))
+    trial = TrialConfig(model=args.model, lora_targets=args.targets, lora_rank=args.rank, batch_size=args.batch_size,
+                        grad_accum=args.grad_accum, max_length=args.max_length, micro_batch_size=args.micro_batch)
+    model, _ = attach_lora(model, trial)
+    if arm == "plain_trl":
+        micro_batch, execution = args.batch_size, {"max_length": args.max_length}  # TRL's own defaults otherwise
+    else:
+        plan = plan_micro_batch(model, examples, trial, True, tokenizer.pad_token_id, device,
+                                memory_budget_gb(device, args.gpu_share))
+        micro_batch = plan.micro_batch
+        execution = {**PADDING_FREE_ARGS, "gradient_checkpointing": plan.gradient_checkpointing,
+                     "torch_compile": args.compile}
     optimizer = build_optimizer("adamw", model.parameters(), args.lr, 0.0)
     clock = _step_clock()
     with tempfile.TemporaryDirectory(prefix="tune_lfm_bench_") as output_dir:
@@ -245,7 +253,8 @@ def run_concurrent(args, argv: list[str]) -> dict:
         outputs = [os.path.join(folder, f"copy{i}.json") for i in range(args.concurrent)]
         base = _without_options(argv, ("--concurrent", "--output", "--arms", "--seed"))
         children = [subprocess.Popen([sys.executable, __file__, *base, "--arms", "tune_lfm", "--concurrent", "1",
-                                      "--seed", str(args.seed + i), "--output", out], stdout=subprocess.DEVNULL)
+                                      "--gpu-share", str(1 / args.concurrent), "--seed", str(args.seed + i),
+                                      "--output", out], stdout=subprocess.DEVNULL)
                     for i, out in enumerate(outputs)]
         codes = [child.wait() for child in children]
         if any(codes):
@@ -293,7 +302,7 @@ def main(argv=None) -> int:
                           else "cpu")
     report = {"benchmark": "throughput", **environment(device), "model": args.model,
               "settings": {"steps": args.steps, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
-                           "effective_batch": args.batch_size * args.grad_accum, "micro_batch": args.micro_batch,
+                           "effective_batch": args.batch_size * args.grad_accum, "micro_batch": args.micro_batch or "planned",
                            "max_length": args.max_length, "targets": args.targets, "rank": args.rank, "lr": args.lr,
                            "warmup_steps": args.warmup_steps, "repeats": args.repeats, "attention": args.attention,
                            "compile": args.compile}}

@@ -150,8 +150,43 @@ def test_enable_is_idempotent_and_disable_restores():
 
 
 def test_prepare_model_for_packing_keeps_sdpa_off_cuda(leak_free):
-    model = packing.prepare_model_for_packing(tiny_model())
+    model = tiny_model()
+    assert packing.prepare_model_for_packing(model)
     assert packing.leak_free_packing_enabled() and model.config._attn_implementation == "sdpa"
+
+
+def leaky_conv(x, weight, bias=None, activation=None, seq_idx=None, **_):
+    """What transformers 5.17 does without `causal_conv1d`: drops seq_idx and convolves straight across."""
+    return packing._replaced_conv(x, weight, bias, activation=activation)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_model_check_tells_leak_free_from_leaking_lfm2(leak_free, monkeypatch, dtype):
+    from transformers.models.lfm2 import modeling_lfm2
+
+    model = tiny_model().to(dtype)
+    assert packing.packing_keeps_sequences_apart(model)
+    monkeypatch.setattr(modeling_lfm2, "causal_conv1d_fn", leaky_conv)
+    assert not packing.packing_keeps_sequences_apart(model)
+
+
+def test_model_check_fails_lfm2_without_the_fix():
+    assert not packing.leak_free_packing_enabled()
+    assert not packing.packing_keeps_sequences_apart(tiny_model())  # transformers refuses seq_idx: unpacked
+
+
+def test_model_check_covers_other_architectures():
+    """Attention-only models pack as they are; a state-space mixer that ignores seq_idx is caught, not trusted."""
+    from transformers import LlamaConfig, MambaConfig
+
+    torch.manual_seed(0)
+    llama = AutoModelForCausalLM.from_config(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                         num_attention_heads=4, num_key_value_heads=2,
+                                                         vocab_size=300))
+    mamba = AutoModelForCausalLM.from_config(MambaConfig(hidden_size=64, state_size=8, num_hidden_layers=2,
+                                                         vocab_size=300))
+    assert packing.packing_keeps_sequences_apart(llama)
+    assert not packing.packing_keeps_sequences_apart(mamba)
 
 
 @pytest.mark.slow
@@ -162,3 +197,19 @@ def test_trial_with_packing_trains_and_measures(leak_free):
     assert result["status"] == "completed" and result["steps_completed"] == 4
     assert all(math.isfinite(result[key]) for key in ("train_loss", "eval_loss", "base_loss", "kl", "tokens_per_s"))
     assert result["tokens_trained"] > 0
+
+
+@pytest.mark.slow
+def test_trial_trains_unpacked_when_the_fix_cannot_apply(monkeypatch):
+    """A transformers release that routes LFM2's conv elsewhere: the fix refuses, the check fails, no leak trains."""
+    packing.disable_leak_free_packing()
+
+    def refuse():
+        raise RuntimeError("Lfm2ShortConv does not pass seq_idx")
+
+    monkeypatch.setattr(packing, "enable_leak_free_packing", refuse)
+    lines = []
+    result = run_trial(TrialConfig(model="tiny-lfm2", dataset="alpaca", max_steps=2, batch_size=2, grad_accum=1,
+                                   max_length=128, num_examples=8, eval_examples=4), log=lines.append)
+    assert result["status"] == "completed" and result["packing"] and not result["packing_used"]
+    assert any("training unpacked" in line for line in lines)

@@ -5,7 +5,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -126,3 +125,20 @@ def test_injected_oom_is_recorded_then_recovers_on_retry(tmp_path):
     assert "CUDA out of memory" in out.stderr
     trials = pd.read_parquet(tmp_path / "oom" / "trials.parquet").set_index("trial_id")
     assert set(trials["status"]) == {"completed"} and (trials["attempts"] == 2).all()
+
+
+def test_gpu_share_is_a_whole_gpu_when_trial_memory_cannot_be_measured(capsys):
+    """The probe runs as a Ray task on a GPU; where it fails (here: a logical GPU, no CUDA) trials get a whole GPU."""
+    import ray
+
+    from tune_lfm.config import TrialConfig
+    from tune_lfm.search import measured_gpus_per_trial
+
+    ray.init(num_cpus=1, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        share = measured_gpus_per_trial(TrialConfig(model="tiny-lfm2", max_steps=2), cap=4)
+    finally:
+        ray.shutdown()
+    assert share == 1.0
+    err = capsys.readouterr().err
+    assert "could not measure trial memory" in err and "needs a CUDA GPU" in err and "one trial per GPU" in err

@@ -73,9 +73,15 @@ class TrialConfig:
     """Decoder-layer indices of the model's hub layers; None = the model's known hubs or its cached atlas."""
 
     # Execution
-    packing: bool = False
-    """Padding-free packing of several conversations per row (leak-free for LFM2, see `tune_lfm.packing`)."""
+    packing: bool = True
+    """Padding-free packing: each micro-batch's conversations share one row, none padded, none seeing another (see
+    `tune_lfm.packing`). A model that fails the leak check trains unpacked; `packing_used` in the result says which."""
+    micro_batch_size: int | None = None
+    """Conversations per forward pass, a divisor of the effective batch; speed and memory only, the optimizer steps
+    are the same. None = the largest that fits the trial's GPU share, measured (see `tune_lfm.microbatch`); batch_size
+    on CPU."""
     gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass; switched on by itself when no micro-batch fits without it."""
     precision: str = "auto"
     """auto (bf16 where the GPU supports it, else fp32) | bf16 | fp32."""
     kl_batch_size: int = 8
@@ -118,7 +124,7 @@ CHOICES = {
     "precision": ("auto", "bf16", "fp32"),
 }
 POSITIVE = ("num_examples", "eval_examples", "max_steps", "batch_size", "grad_accum", "max_length", "lora_rank",
-            "kl_batch_size", "logging_steps", "learning_rate")
+            "kl_batch_size", "logging_steps", "learning_rate", "micro_batch_size")
 
 
 def _type_name(tp: Any) -> str:
@@ -184,7 +190,11 @@ def config_from_dict(values: dict[str, Any], where: str = "config") -> TrialConf
     for key in POSITIVE:
         if checked.get(key) is not None and checked[key] <= 0:
             raise ConfigError(f"{where}: `{key}` must be > 0, got {checked[key]!r}")
-    return TrialConfig(**checked)
+    config = TrialConfig(**checked)
+    if config.micro_batch_size is not None and config.effective_batch % config.micro_batch_size:
+        raise ConfigError(f"{where}: `micro_batch_size` {config.micro_batch_size} must divide the effective batch "
+                          f"batch_size x grad_accum = {config.effective_batch}")
+    return config
 
 
 def load_config_file(path: str | Path) -> TrialConfig:

@@ -102,15 +102,59 @@ def enable_leak_free_packing() -> None:
         raise
 
 
-def prepare_model_for_packing(model):
-    """`enable_leak_free_packing()`, and `VARLEN_ATTENTION` for a CUDA model on SDPA (call before attaching LoRA).
+def prepare_model_for_packing(model) -> bool:
+    """Ready `model` for padding-free rows and check that it keeps them apart; call before attaching LoRA.
 
-    Elsewhere the model keeps SDPA, whose block-diagonal mask is what VARLEN_ATTENTION would fall back to anyway.
+    Enables the LFM2 short-convolution fix and, for a CUDA model on SDPA, `VARLEN_ATTENTION`. Then any model, LFM2 or
+    not, must pass `packing_keeps_sequences_apart`. Returns False (and restores the model's attention) when it does
+    not, e.g. an architecture with another token-mixing operator that ignores `seq_idx`: the trial then trains
+    unpacked, which is slower but the same training run.
     """
-    enable_leak_free_packing()
-    if model.device.type == "cuda" and model.config._attn_implementation == "sdpa":
+    try:
+        enable_leak_free_packing()
+    except RuntimeError:  # this transformers calls LFM2's conv differently; the model check below decides
+        pass
+    attention = model.config._attn_implementation
+    if model.device.type == "cuda" and attention == "sdpa":
         model.set_attn_implementation(VARLEN_ATTENTION)
-    return model
+    if packing_keeps_sequences_apart(model):
+        return True
+    model.set_attn_implementation(attention)
+    return False
+
+
+PACKED_CHECK_LENGTHS = (6, 1, 9)
+"""Conversation lengths of the packed-vs-alone check: one shorter than any short-conv kernel, so every tap crosses."""
+
+
+@torch.no_grad()
+def packing_keeps_sequences_apart(model) -> bool:
+    """Whether `model` gives each conversation of a padding-free row the logits it gives that conversation alone.
+
+    The row is built by TRL's own padding-free collator, so the check sees what training sees. Tolerance follows the
+    dtype: bf16/fp16 kernels reorder sums between the packed and single shapes, a leak moves logits by far more.
+    A model that refuses the packed row (transformers raises for LFM2 without a `seq_idx`-aware conv) fails it.
+    """
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    generator = torch.Generator().manual_seed(0)
+    vocab = model.config.get_text_config().vocab_size
+    conversations = [torch.randint(1, vocab, (n,), generator=generator).tolist() for n in PACKED_CHECK_LENGTHS]
+    row = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)([{"input_ids": c} for c in conversations])
+    row = {key: value.to(model.device) if torch.is_tensor(value) else value
+           for key, value in row.items() if key != "labels"}
+    was_training = model.training
+    model.eval()
+    try:
+        packed = model(**row, use_cache=False).logits[0].float()
+        alone = torch.cat([model(input_ids=torch.tensor([c], device=model.device), use_cache=False).logits[0]
+                           for c in conversations]).float()
+    except (ValueError, RuntimeError, NotImplementedError):
+        return False
+    finally:
+        model.train(was_training)
+    tolerance = 1e-4 if model.dtype == torch.float32 else 3e-2
+    return bool((packed - alone).abs().max() <= tolerance * (1 + alone.abs().max()))
 
 
 def disable_leak_free_packing() -> None:

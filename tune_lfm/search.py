@@ -127,6 +127,18 @@ def prepare_atlases(configs: list, device: str | None) -> None:
             log(f"hub atlas of {model}: hubs {ensure_atlas(model, device=device, log=log).hubs}")
         except Exception as err:  # the trial that needs it fails with the same error and is recorded
             log(f"warning: no hub atlas for {model}: {type(err).__name__}: {err}")
+    _release_gpu_memory()
+
+
+def _release_gpu_memory() -> None:
+    """Give cached CUDA blocks back, so the trials that share this GPU next can use them."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def local_gpu_count() -> int:
@@ -141,13 +153,27 @@ def resolve_scale(requested: str, cluster_gpus: float) -> str:
     return "full" if cluster_gpus > 0 else "tiny"
 
 
-def default_gpus_per_trial(model_name: str, gpu_memory_gb: float | None) -> float:
-    """Share a GPU between small-model trials: about 4 GB + 20 GB per billion parameters each, at most 4 per GPU."""
-    from .models import build_meta_model, resolve_model
+def measured_gpus_per_trial(heaviest, cap: int) -> float:
+    """GPU fraction per trial from measured memory: the sweep's heaviest trial's worst micro-batch on a whole GPU.
 
-    params = sum(p.numel() for p in build_meta_model(resolve_model(model_name)).parameters())
-    need_gb = 4 + 20 * params / 1e9
-    per_gpu = max(1, min(4, int((gpu_memory_gb or 80) // need_gb)))
+    The measurement runs as a Ray task on a GPU node (the driver may have none), in a worker that exits afterwards so
+    its CUDA context does not stay on the GPU. If it fails, each trial gets a whole GPU and the failure is logged;
+    the trials themselves then fail with the real error, if there is one, and are recorded.
+    """
+    import ray
+
+    from .memory import trials_per_gpu
+    from .trial import measure_trial_memory
+
+    probe = ray.remote(num_gpus=1, max_calls=1)(lambda config: measure_trial_memory(config, log=log))
+    try:
+        measured = ray.get(probe.remote(heaviest))
+    except Exception as err:  # noqa: BLE001 - any failure here must not stop the sweep
+        log(f"warning: could not measure trial memory ({type(err).__name__}: {err}); one trial per GPU")
+        return 1.0
+    per_gpu = trials_per_gpu(measured["peak_gb"], measured["gpu_total_gb"], cap)
+    log(f"trial memory: {measured['peak_gb']:.1f} GiB at micro-batch {measured['micro_batch']} on "
+        f"{measured['gpu_name']} ({measured['gpu_total_gb']:.0f} GiB) -> {per_gpu} trial(s) per GPU (cap {cap})")
     return 1 / per_gpu
 
 
@@ -185,6 +211,7 @@ def _hardware() -> dict[str, Any]:
 
 def trainable(params: dict[str, Any]) -> None:
     """Ray Tune function trainable: one trial, step metrics while it trains, then the full result."""
+    import ray
     import torch
     from ray import tune
 
@@ -202,7 +229,11 @@ def trainable(params: dict[str, Any]) -> None:
     def report_step(step: dict[str, Any]) -> None:
         tune.report({"kind": "step", **step})
 
-    result = run_trial(config, reporter=report_step, log=lambda line: print(line, flush=True))
+    try:
+        result = run_trial(config, reporter=report_step, log=lambda line: print(line, flush=True),
+                           gpu_share=ray.get_runtime_context().get_assigned_resources().get("GPU"))
+    finally:  # the actor runs the next trial (reuse_actors)
+        _release_gpu_memory()
     result.pop("history")
     tune.report({"kind": "final", **{k: _scalar(v) for k, v in result.items()}, "loss": result["train_loss"],
                  "started_at": started, "finished_at": datetime.now(timezone.utc).isoformat(), **_hardware()})
@@ -402,21 +433,13 @@ def run_search(args: argparse.Namespace) -> int:
     check_writable(experiment_dir)
     storage_path = storage if "://" in storage else os.path.abspath(storage)
 
-    gpus = args.gpus_per_trial
-    if gpus is None:
-        gpus = sweep.resources.get("gpus_per_trial", "auto")
-    if gpus == "auto":
-        gpus = 0.0 if scale == "tiny" or cluster_gpus == 0 else default_gpus_per_trial(
-            sweep.fixed.get("model", "LiquidAI/LFM2.5-230M"), None)
+    gpus = args.gpus_per_trial if args.gpus_per_trial is not None else sweep.resources.get("gpus_per_trial", "auto")
+    if gpus == "auto" and (scale == "tiny" or cluster_gpus == 0):
+        gpus = 0.0
     cpus = sweep.resources.get("cpus_per_trial") or (1 if scale == "tiny" else 2)
     if cpus == "auto":
         cpus = 1
-    max_concurrent = args.max_concurrent or sweep.resources.get("max_concurrent")
     threads = max(1, int(cpus))
-    log(f"experiment: {experiment_dir}; per trial {cpus} CPU, {gpus:g} GPU; max concurrent "
-        f"{max_concurrent or 'as resources allow'}")
-
-    meta = {"scale": scale}
     atlas_device = "cpu" if gpus == 0 else None
     finished = ExperimentRecord(experiment_dir).finished_ids() if args.resume else set()
     if args.resume:
@@ -427,19 +450,29 @@ def run_search(args: argparse.Namespace) -> int:
         from .config import config_from_dict
 
         # the sweep's fixed model; a model chosen per trial gets its atlas computed by its first trial
-        prepare_atlases([scaled_config(config_from_dict({**sweep.fixed, **overrides}, where=sweep.source), scale)],
-                        atlas_device)
+        heaviest = scaled_config(config_from_dict({**sweep.fixed, **overrides}, where=sweep.source), scale)
+        prepare_atlases([heaviest], atlas_device)
         search_alg = _optuna_setup(sweep, scale, overrides, threads, experiment_dir)
         param_space, total = {}, sweep.num_samples
         num_samples = max(sweep.num_samples - len(finished), 0)
     else:
         planned = with_hub_layers(plan_trials(sweep, scale, overrides))
-        adapter_sizes(planned)  # validates every target set against its model before anything runs
+        sizes = adapter_sizes(planned)  # also validates every target set against its model before anything runs
         todo = [t for t in planned if t.trial_id not in finished]
         prepare_atlases([t.config for t in todo], atlas_device)
         prepare_shared_inputs([t.config for t in todo])
+        heaviest = max(todo, key=lambda t: (t.config.effective_batch * t.config.max_length, sizes[t.trial_id]),
+                       default=planned[0]).config
         param_space, total, search_alg = _param_space_for_plan(todo, threads), len(planned), None
         num_samples = 1 if todo else 0
+    if num_samples and gpus == "auto":
+        from .memory import MAX_TRIALS_PER_GPU
+
+        gpus = measured_gpus_per_trial(heaviest, int(sweep.resources.get("max_trials_per_gpu") or MAX_TRIALS_PER_GPU))
+    max_concurrent = args.max_concurrent or sweep.resources.get("max_concurrent")
+    log(f"experiment: {experiment_dir}; per trial {cpus} CPU, {gpus:g} GPU; max concurrent "
+        f"{max_concurrent or 'as resources allow'}")
+    meta = {"scale": scale, "gpus_per_trial": gpus}
     if num_samples == 0:
         log("nothing left to run")
         return 0
@@ -457,7 +490,8 @@ def run_search(args: argparse.Namespace) -> int:
     tuner = tune.Tuner(tune.with_resources(trainable, {"cpu": cpus, "gpu": gpus}), param_space=param_space,
                        run_config=run_config,
                        tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, num_samples=num_samples,
-                                                   max_concurrent_trials=max_concurrent))
+                                                   max_concurrent_trials=max_concurrent,
+                                                   reuse_actors=True))
     tuner.fit()
     record = ExperimentRecord(experiment_dir)
     statuses = [row.get("status") for row in record.rows.values()]

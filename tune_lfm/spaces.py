@@ -14,7 +14,7 @@ A sweep file (see `search_spaces/`):
     search: {algorithm: grid | random | optuna, num_samples: 20, sampler: tpe | nsga2,
              objectives: {train_loss: min, kl: min}, seed: 0}
     scheduler: {type: asha, metric: train_loss, mode: min, grace_period: 20}    # optional
-    resources: {gpus_per_trial: auto, cpus_per_trial: 1, max_concurrent: 4}    # optional
+    resources: {gpus_per_trial: auto, max_trials_per_gpu: 4, cpus_per_trial: 1, max_concurrent: 4}  # optional
     max_failures: 1
     user_datasets: {name: {path | hub_id, format, ...}}
 
@@ -44,7 +44,7 @@ DIMENSION_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 ALGORITHMS = ("grid", "random", "optuna")
 SAMPLERS = ("tpe", "nsga2")
 OBJECTIVE_METRICS = ("train_loss", "eval_loss", "kl", "kl_p95", "trainable_params", "wall_s", "peak_mem_gb")
-RESOURCE_KEYS = ("gpus_per_trial", "cpus_per_trial", "max_concurrent")
+RESOURCE_KEYS = ("gpus_per_trial", "cpus_per_trial", "max_concurrent", "max_trials_per_gpu")
 
 TINY_SCALE = {"steps_divisor": 15, "min_steps": 4, "examples_divisor": 20, "min_examples": 16, "max_length": 256,
               "grad_accum": 1, "eval_examples": 16}

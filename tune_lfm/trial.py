@@ -19,10 +19,13 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from .config import FIELD_NAMES, ConfigError, TrialConfig, config_from_dict, load_config_file
 from .targets import ResolvedTargets, parse_targets_arg
+
+if TYPE_CHECKING:
+    from .memory import MicroBatchPlan
 
 Reporter = Callable[[dict[str, Any]], None]
 """Receives one dict per logged step: step, loss, learning_rate, grad_norm, tokens_seen, tokens_per_s, elapsed_s."""
@@ -170,19 +173,20 @@ def _step_recorder(reporter: Reporter | None):
     return StepRecorder()
 
 
-def _sft_config(config: TrialConfig, output_dir: str, bf16: bool, progress: bool):
+def _sft_config(config: TrialConfig, plan: MicroBatchPlan, packing: bool, output_dir: str, bf16: bool,
+                progress: bool):
     from trl import SFTConfig
 
     from .optim import uses_own_schedule
     from .packing import PADDING_FREE_ARGS
 
-    layout = PADDING_FREE_ARGS if config.packing else {"max_length": config.max_length}
+    layout = PADDING_FREE_ARGS if packing else {"max_length": config.max_length}
     return SFTConfig(
-        output_dir=output_dir, max_steps=config.max_steps, per_device_train_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.grad_accum, learning_rate=config.learning_rate,
+        output_dir=output_dir, max_steps=config.max_steps, per_device_train_batch_size=plan.micro_batch,
+        gradient_accumulation_steps=plan.grad_accum, learning_rate=config.learning_rate,
         lr_scheduler_type="constant" if uses_own_schedule(config.optimizer) else config.lr_scheduler,
         warmup_steps=config.warmup_steps, weight_decay=config.weight_decay, **layout,
-        gradient_checkpointing=config.gradient_checkpointing, bf16=bf16, fp16=False,
+        gradient_checkpointing=plan.gradient_checkpointing, bf16=bf16, fp16=False,
         seed=config.seed, data_seed=config.seed, logging_steps=config.logging_steps, logging_nan_inf_filter=False,
         include_num_input_tokens_seen="non_padding", save_strategy="no", eval_strategy="no", report_to="none",
         disable_tqdm=not progress, dataloader_num_workers=0, use_cpu=not _cuda_available(),
@@ -203,18 +207,62 @@ def _train_loss(history: list[dict]) -> float:
     return sum(losses[-tail:]) / tail
 
 
-def run_trial(config: TrialConfig, reporter: Reporter | None = None, save_adapter: str | None = None,
-              progress: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train one adapter and measure it. Raises on bad input; a NaN/inf loss returns status `diverged`."""
+def _trainable_model(config: TrialConfig, ref, data: PreparedData, tokenizer, device, bf16: bool,
+                     gpu_share: float | None, log: Callable[[str], None]):
+    """The model on `device` with its LoRA adapter, whether it trains packed, and its micro-batch plan."""
     import torch
+
+    from .memory import memory_budget_gb, plan_micro_batch
+    from .models import load_model
+    from .packing import prepare_model_for_packing
+
+    model = load_model(ref, torch.bfloat16 if bf16 else torch.float32, device)
+    packing = config.packing and prepare_model_for_packing(model)
+    if config.packing and not packing:
+        log(f"[tune_lfm] {config.model} mixes tokens across packed conversations here; training unpacked (same run, "
+            "slower)")
+    model, targets = attach_lora(model, config)
+    plan = plan_micro_batch(model, data.train, config, packing, tokenizer.pad_token_id, device,
+                            memory_budget_gb(device, gpu_share))
+    return model, targets, packing, plan
+
+
+def measure_trial_memory(config: TrialConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Peak GPU memory of `config`'s worst micro-batch, at the largest micro-batch that fits a whole GPU (CUDA only).
+
+    The search driver divides a GPU by this to decide how many trials share it; each trial then plans its own
+    micro-batch within its share, which finds the same one.
+    """
+    import torch
+
+    from .models import load_tokenizer, resolve_model
+
+    device = select_device()
+    if device.type != "cuda":
+        raise RuntimeError("measure_trial_memory needs a CUDA GPU")
+    ref = resolve_model(config.model)
+    tokenizer = load_tokenizer(ref)
+    data = prepare_data(config, tokenizer)
+    _, _, packing, plan = _trainable_model(config, ref, data, tokenizer, device, use_bf16(config, device), None, log)
+    return {"peak_gb": plan.probe_peak_gb, "micro_batch": plan.micro_batch, "packing": packing,
+            "gradient_checkpointing": plan.gradient_checkpointing, "gpu_name": torch.cuda.get_device_name(device),
+            "gpu_total_gb": torch.cuda.get_device_properties(device).total_memory / 2**30}
+
+
+def run_trial(config: TrialConfig, reporter: Reporter | None = None, save_adapter: str | None = None,
+              progress: bool = False, log: Callable[[str], None] = print,
+              gpu_share: float | None = None) -> dict[str, Any]:
+    """Train one adapter and measure it. Raises on bad input; a NaN/inf loss returns status `diverged`.
+
+    `gpu_share` is the fraction of the GPU this trial may use when trials share one (Ray's fractional GPUs).
+    """
     from datasets import Dataset
     from transformers import PrinterCallback, set_seed
     from trl import SFTTrainer
 
     from . import metrics
-    from .models import load_model, load_tokenizer, resolve_model
+    from .models import load_tokenizer, resolve_model
     from .optim import build_optimizer, prepare_for_eval
-    from .packing import prepare_model_for_packing
 
     wall_start = time.perf_counter()
     set_seed(config.seed)
@@ -229,10 +277,7 @@ def run_trial(config: TrialConfig, reporter: Reporter | None = None, save_adapte
     tokenizer = load_tokenizer(ref)
     data = prepare_data(config, tokenizer)
     prepared = time.perf_counter()
-    model = load_model(ref, torch.bfloat16 if bf16 else torch.float32, device)
-    if config.packing:
-        prepare_model_for_packing(model)
-    model, targets = attach_lora(model, config)
+    model, targets, packing, plan = _trainable_model(config, ref, data, tokenizer, device, bf16, gpu_share, log)
     loaded = time.perf_counter()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
@@ -240,7 +285,7 @@ def run_trial(config: TrialConfig, reporter: Reporter | None = None, save_adapte
     recorder = _step_recorder(reporter)
     optimizer = build_optimizer(config.optimizer, model.parameters(), config.learning_rate, config.weight_decay)
     with tempfile.TemporaryDirectory(prefix="tune_lfm_trial_") as output_dir:
-        trainer = SFTTrainer(model=model, args=_sft_config(config, output_dir, bf16, progress),
+        trainer = SFTTrainer(model=model, args=_sft_config(config, plan, packing, output_dir, bf16, progress),
                              train_dataset=Dataset.from_list(data.train), processing_class=tokenizer,
                              optimizers=(optimizer, None), callbacks=[recorder])
         trainer.remove_callback(PrinterCallback)  # it prints log dicts to stdout, where our JSON goes
@@ -272,7 +317,8 @@ def run_trial(config: TrialConfig, reporter: Reporter | None = None, save_adapte
         "prepare_s": prepared - wall_start, "load_s": loaded - prepared, "eval_s": eval_s,
         "wall_s": time.perf_counter() - wall_start, "peak_mem_gb": metrics.peak_memory_gb(device),
         "rows_skipped": data.rows_skipped, "rows_dropped": data.rows_dropped, "train_rows": len(data.train),
-        "data_source_used": data.source, "model_kind": ref.kind, "device": str(device),
+        "data_source_used": data.source, "model_kind": ref.kind, "device": str(device), "packing_used": packing,
+        "micro_batch_used": plan.micro_batch, "gradient_checkpointing_used": plan.gradient_checkpointing,
         "precision_used": "bf16" if bf16 else "fp32", "history": recorder.history,
     }
     return result
