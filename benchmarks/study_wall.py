@@ -83,8 +83,15 @@ def breakdown(trials, history, launched: float, exited: float) -> dict:
                    else None,
                    "mean_trial_tokens_per_s": float(trials["tokens_per_s"].mean()),
                    "devices": sorted(set(trials["device"].dropna())), "gpu_names": sorted(set(
-                       trials["gpu_name"].dropna()))},
+                       trials["gpu_name"].dropna())), **execution(trials)},
     }
+
+
+def execution(trials) -> dict:
+    """How the trials ran (packing, micro-batch, checkpointing, GPU share), each value with its trial count."""
+    columns = ("packing_used", "micro_batch_used", "gradient_checkpointing_used", "gpus_per_trial")
+    return {column: {str(value): int(count) for value, count in trials[column].value_counts(dropna=False).items()}
+            for column in columns if column in trials}
 
 
 def main(argv=None) -> int:

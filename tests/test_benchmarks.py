@@ -41,6 +41,7 @@ def test_study_wall_times_a_sweep_and_breaks_it_down(tmp_path):
                      "sweep: {lora_rank: {grid: [8]}}\n")
     report = run_benchmark("study_wall.py", "--space", str(space), "--scale", "tiny")
     assert report["trials"]["count"] == 1 and report["trials"]["completed"] == 1
+    assert report["trials"]["packing_used"] == {"True": 1} and report["trials"]["gpus_per_trial"] == {"0.0": 1}
     assert {"startup_s", "trials_span_s", "shutdown_s", "concurrency"} <= report["study"].keys()
     phases = report["trial_seconds"]
     assert {"in_worker_s", "run_trial_wall_s", "train_s", "other_s", "first_step_s"} <= phases.keys()

@@ -142,3 +142,17 @@ def test_gpu_share_is_a_whole_gpu_when_trial_memory_cannot_be_measured(capsys):
     assert share == 1.0
     err = capsys.readouterr().err
     assert "could not measure trial memory" in err and "needs a CUDA GPU" in err and "one trial per GPU" in err
+
+
+def test_longest_trial_starts_first_and_rows_say_how_trials_ran(tmp_path):
+    space = tmp_path / "lengths.yaml"
+    space.write_text("fixed: {dataset: alpaca, num_examples: 16, eval_examples: 4, max_length: 128}\n"
+                     "sweep: {max_steps: {grid: [2, 3, 8]}}\n"
+                     "resources: {max_concurrent: 1}\n")
+    out = search(space, "--storage", tmp_path, "--name", "exp", "--scale", "full", "--set", "model=tiny-lfm2",
+                 "--set", "data_source=embedded")
+    assert out.returncode == 0, out.stderr[-3000:]
+    trials = pd.read_parquet(tmp_path / "exp" / "trials.parquet").sort_values("started_at")
+    assert list(trials["max_steps"]) == [8, 3, 2]
+    assert trials["packing_used"].all() and (trials["micro_batch_used"] == 4).all()
+    assert not trials["gradient_checkpointing_used"].any() and (trials["gpus_per_trial"] == 0).all()

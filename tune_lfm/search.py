@@ -71,6 +71,12 @@ def adapter_sizes(trials: list[PlannedTrial]) -> dict[str, int]:
     return sizes
 
 
+def longest_first(trials: list[PlannedTrial]) -> list[PlannedTrial]:
+    """Trials in the order to start them: most conversations to train first, so a long trial (the duration sweep's
+    1000 steps) does not start last and run alone at the end while the other slots sit idle. Ties keep plan order."""
+    return sorted(trials, key=lambda t: -t.config.max_steps * t.config.effective_batch)
+
+
 def describe_plan(trials: list[PlannedTrial], as_json: bool) -> str:
     sizes = adapter_sizes(trials)
     rows = [{"trial_id": t.trial_id, "sweeps": t.sweeps, "trainable_params": sizes[t.trial_id], **t.config.to_dict()}
@@ -458,14 +464,17 @@ def run_search(args: argparse.Namespace) -> int:
     else:
         planned = with_hub_layers(plan_trials(sweep, scale, overrides))
         sizes = adapter_sizes(planned)  # also validates every target set against its model before anything runs
-        todo = [t for t in planned if t.trial_id not in finished]
+        todo = longest_first([t for t in planned if t.trial_id not in finished])
         prepare_atlases([t.config for t in todo], atlas_device)
         prepare_shared_inputs([t.config for t in todo])
         heaviest = max(todo, key=lambda t: (t.config.effective_batch * t.config.max_length, sizes[t.trial_id]),
                        default=planned[0]).config
         param_space, total, search_alg = _param_space_for_plan(todo, threads), len(planned), None
         num_samples = 1 if todo else 0
-    if num_samples and gpus == "auto":
+    if num_samples == 0:
+        log("nothing left to run")
+        return 0
+    if gpus == "auto":
         from .memory import MAX_TRIALS_PER_GPU
 
         gpus = measured_gpus_per_trial(heaviest, int(sweep.resources.get("max_trials_per_gpu") or MAX_TRIALS_PER_GPU))
@@ -473,9 +482,6 @@ def run_search(args: argparse.Namespace) -> int:
     log(f"experiment: {experiment_dir}; per trial {cpus} CPU, {gpus:g} GPU; max concurrent "
         f"{max_concurrent or 'as resources allow'}")
     meta = {"scale": scale, "gpus_per_trial": gpus}
-    if num_samples == 0:
-        log("nothing left to run")
-        return 0
     scheduler = None
     if sweep.scheduler:
         from ray.tune.schedulers import ASHAScheduler
