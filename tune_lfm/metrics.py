@@ -46,7 +46,7 @@ def _causal_lm(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def _scored_hidden(model, batch, device):
+def scored_hidden(model, batch, device):
     """Final hidden states at positions whose next token is scored, and those next tokens."""
     lm = _causal_lm(model)
     decoder = getattr(lm, lm.base_model_prefix)
@@ -57,13 +57,14 @@ def _scored_hidden(model, batch, device):
     return hidden[:, :-1][keep], targets[keep]
 
 
-def _log_probs(model, hidden_chunk):
+def next_token_log_probs(model, hidden_chunk):
     """Next-token log-probabilities; the LM head is never a LoRA target, so it is shared by base and tuned."""
     head = _causal_lm(model).get_output_embeddings()
     return F.log_softmax(head(hidden_chunk).float(), dim=-1)
 
 
-def _adapter_disabled(model):
+def adapter_disabled(model):
+    """A context in which `model` runs as the base model (a no-op for a model without an adapter)."""
     return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
 
 
@@ -72,12 +73,12 @@ def mean_token_loss(model, examples: list[dict], batch_size: int, pad_token_id: 
                     adapter: bool = True) -> float:
     """Token-weighted cross-entropy (nats) over assistant tokens; `adapter=False` measures the base model."""
     total, count = 0.0, 0
-    context = contextlib.nullcontext() if adapter else _adapter_disabled(model)
+    context = contextlib.nullcontext() if adapter else adapter_disabled(model)
     with context:
         for batch in batches(examples, batch_size, pad_token_id):
-            hidden, targets = _scored_hidden(model, batch, device)
+            hidden, targets = scored_hidden(model, batch, device)
             for start in range(0, len(targets), SCORED_CHUNK):
-                log_probs = _log_probs(model, hidden[start : start + SCORED_CHUNK])
+                log_probs = next_token_log_probs(model, hidden[start : start + SCORED_CHUNK])
                 picked = log_probs.gather(-1, targets[start : start + SCORED_CHUNK, None])
                 total -= picked.sum().item()
                 count += picked.numel()
@@ -89,12 +90,12 @@ def per_token_kl(model, examples: list[dict], batch_size: int, pad_token_id: int
     """KL(P_base || P_tuned) in nats at every scored probe position (1-D float tensor on CPU)."""
     values = []
     for batch in batches(examples, batch_size, pad_token_id):
-        with _adapter_disabled(model):
-            base_hidden, _ = _scored_hidden(model, batch, device)
-        tuned_hidden, _ = _scored_hidden(model, batch, device)
+        with adapter_disabled(model):
+            base_hidden, _ = scored_hidden(model, batch, device)
+        tuned_hidden, _ = scored_hidden(model, batch, device)
         for start in range(0, len(base_hidden), SCORED_CHUNK):
-            base = _log_probs(model, base_hidden[start : start + SCORED_CHUNK])
-            tuned = _log_probs(model, tuned_hidden[start : start + SCORED_CHUNK])
+            base = next_token_log_probs(model, base_hidden[start : start + SCORED_CHUNK])
+            tuned = next_token_log_probs(model, tuned_hidden[start : start + SCORED_CHUNK])
             kl = (base.exp() * (base - tuned)).sum(-1).clamp_min(0.0)
             values.append(kl.cpu())
     return torch.cat(values) if values else torch.zeros(0)

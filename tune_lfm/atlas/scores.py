@@ -109,10 +109,10 @@ def _hooked(pairs):
 
 def _row_nll(model, batch: dict, device, rows: torch.Tensor) -> torch.Tensor:
     """Per-row sum of next-token NLL at scored positions (the LM head runs on those positions only)."""
-    hidden, targets = metrics._scored_hidden(model, batch, device)
+    hidden, targets = metrics.scored_hidden(model, batch, device)
     total = torch.zeros(len(batch["input_ids"]), dtype=torch.float64)
     for start in range(0, len(targets), metrics.SCORED_CHUNK):
-        log_probs = metrics._log_probs(model, hidden[start : start + metrics.SCORED_CHUNK])
+        log_probs = metrics.next_token_log_probs(model, hidden[start : start + metrics.SCORED_CHUNK])
         nll = -log_probs.gather(-1, targets[start : start + metrics.SCORED_CHUNK, None]).squeeze(-1)
         total.index_add_(0, rows[start : start + metrics.SCORED_CHUNK], nll.double().cpu())
     return total

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..config import ConfigError
-from ..metrics import _adapter_disabled
+from ..metrics import adapter_disabled
 from ..targets import layer_types_of
 from .ranking import DEFAULT_K, check_selection, combine, default_quota, select_hubs, spearman
 from .scores import METHODS, ProbeSums, measure, probe_examples, tokens_digest
@@ -98,12 +98,12 @@ def _hub_revision(ref) -> str:
     """The commit of the hub snapshot that transformers loads (from the local cache when offline)."""
     from huggingface_hub import hf_hub_download
 
-    from ..models import _not_found
+    from ..models import not_found_error
 
     try:
         return Path(hf_hub_download(ref.source, "config.json")).parent.name
     except Exception as err:  # offline and not cached, unknown repo, network: all end in the same advice
-        raise _not_found(ref, err) from err
+        raise not_found_error(ref, err) from err
 
 
 def weights_identity(ref) -> str:
@@ -160,7 +160,7 @@ def compute_atlas(model, tokenizer, model_name: str, weights: str, k: int, quota
     started = time.perf_counter()
     layer_types = layer_types_of(model.config)
     examples = probe_examples(tokenizer, max_length)
-    with _adapter_disabled(model):
+    with adapter_disabled(model):
         sums = measure(model, examples, batch_size, tokenizer.pad_token_id, model_device(model))
     scores = sums.scores()
     combined = combine(scores)

@@ -195,7 +195,8 @@ def _hub_errors(spec: DatasetSpec):
         raise DatasetUnavailable(
             f"could not stream dataset '{spec.name}' from the hub (hub id '{spec.hub_id}', config {spec.hub_config!r},"
             f" revision {spec.revision!r}): {type(err).__name__}: {err}. Offline, run with `--scale tiny` (embedded"
-            f" rows) or point the dataset at a local copy in the config: datasets: {{{spec.name}: {{path: FILE.jsonl}}}}"
+            f" rows) or point the dataset at a local copy in the config:"
+            f" user_datasets: {{{spec.name}: {{path: FILE.jsonl}}}}"
         ) from err
 
 

@@ -52,7 +52,8 @@ def resolve_model(name: str) -> ModelRef:
     return ModelRef(name, name, "hub")
 
 
-def _not_found(ref: ModelRef, err: Exception) -> ModelNotFoundError:
+def not_found_error(ref: ModelRef, err: Exception) -> ModelNotFoundError:
+    """The error for a model that could not be loaded: where we looked and the three ways to fix it."""
     cache = os.environ.get("HF_HUB_CACHE") or os.path.join(
         os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub"
     )
@@ -82,7 +83,7 @@ def load_model_config(ref: ModelRef):
     try:
         return AutoConfig.from_pretrained(ref.source)
     except OSError as err:
-        raise _not_found(ref, err) from err
+        raise not_found_error(ref, err) from err
 
 
 def build_meta_model(ref: ModelRef):
@@ -101,7 +102,7 @@ def load_tokenizer(ref: ModelRef):
     try:
         tokenizer = AutoTokenizer.from_pretrained(ref.source)
     except OSError as err:
-        raise _not_found(ref, err) from err
+        raise not_found_error(ref, err) from err
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.chat_template is None:
@@ -118,5 +119,5 @@ def load_model(ref: ModelRef, dtype, device):
     try:
         model = AutoModelForCausalLM.from_pretrained(ref.source, dtype=dtype)
     except OSError as err:
-        raise _not_found(ref, err) from err
+        raise not_found_error(ref, err) from err
     return model.to(device)
