@@ -124,37 +124,50 @@ def prepare_model_for_packing(model) -> bool:
 
 
 PACKED_CHECK_LENGTHS = (6, 1, 9)
-"""Conversation lengths of the packed-vs-alone check: one shorter than any short-conv kernel, so every tap crosses."""
+"""Conversations of the leak check's rows: a single token between two others, so every short-conv tap crosses."""
 
 
 @torch.no_grad()
 def packing_keeps_sequences_apart(model) -> bool:
-    """Whether `model` gives each conversation of a padding-free row the logits it gives that conversation alone.
+    """Whether `model` keeps the conversations of a padding-free row apart, judged on two rows that differ only in
+    their first conversation (same length, other tokens).
 
-    The row is built by TRL's own padding-free collator, so the check sees what training sees. Tolerance follows the
-    dtype: bf16/fp16 kernels reorder sums between the packed and single shapes, a leak moves logits by far more.
-    A model that refuses the packed row (transformers raises for LFM2 without a `seq_idx`-aware conv) fails it.
+    - Leak: the later conversations' logits must be the same in both rows. The two rows have identical shapes, so the
+      kernels do identical arithmetic on those positions: leak-free rows agree exactly, in bf16 too, where comparing
+      against another shape would drown small leaks in rounding noise.
+    - Positions: each conversation's logits must match it alone, to the dtype's tolerance (e.g. positions restart).
+    The rows are built by TRL's own padding-free collator, so the check sees what training sees. A model that refuses
+    the packed row (transformers raises for LFM2 without a `seq_idx`-aware conv) fails.
     """
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-
     generator = torch.Generator().manual_seed(0)
     vocab = model.config.get_text_config().vocab_size
-    conversations = [torch.randint(1, vocab, (n,), generator=generator).tolist() for n in PACKED_CHECK_LENGTHS]
-    row = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)([{"input_ids": c} for c in conversations])
-    row = {key: value.to(model.device) if torch.is_tensor(value) else value
-           for key, value in row.items() if key != "labels"}
+    first, *rest = [torch.randint(1, vocab, (n,), generator=generator).tolist() for n in PACKED_CHECK_LENGTHS]
+    other_first = torch.randint(1, vocab, (len(first),), generator=generator).tolist()
+    tail = slice(len(first), None)
     was_training = model.training
     model.eval()
     try:
-        packed = model(**row, use_cache=False).logits[0].float()
+        packed = _packed_logits(model, [first, *rest])
+        swapped = _packed_logits(model, [other_first, *rest])
         alone = torch.cat([model(input_ids=torch.tensor([c], device=model.device), use_cache=False).logits[0]
-                           for c in conversations]).float()
+                           for c in [first, *rest]]).float()
     except (ValueError, RuntimeError, NotImplementedError):
         return False
     finally:
         model.train(was_training)
-    tolerance = 1e-4 if model.dtype == torch.float32 else 3e-2
-    return bool((packed - alone).abs().max() <= tolerance * (1 + alone.abs().max()))
+    scale = 1 + alone.abs().max()
+    rounding = 1e-4 if model.dtype == torch.float32 else 3e-2
+    no_leak = (packed[tail] - swapped[tail]).abs().max() <= 1e-3 * scale  # measured: 0 leak-free, 0.25 leaking
+    return bool(no_leak and (packed - alone).abs().max() <= rounding * scale)
+
+
+def _packed_logits(model, conversations: list[list[int]]) -> torch.Tensor:
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    row = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)([{"input_ids": c} for c in conversations])
+    row = {key: value.to(model.device) if torch.is_tensor(value) else value
+           for key, value in row.items() if key != "labels"}
+    return model(**row, use_cache=False).logits[0].float()
 
 
 def disable_leak_free_packing() -> None:
