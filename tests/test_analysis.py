@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -331,3 +332,55 @@ def test_same_experiment_twice_is_refused(tmp_path):
     experiment = _synthetic_experiment(tmp_path / "exp")
     with pytest.raises(AnalysisError, match="trial_id 'lr-0' appears more than once"):
         analyse([experiment, experiment / "trials.parquet"])
+
+
+def test_cli_reads_a_uri_experiment_and_writes_to_a_local_directory(tmp_path):
+    experiment = _synthetic_experiment(tmp_path / "exp")
+    workdir = tmp_path / "here"
+    workdir.mkdir()
+    uri = experiment.as_uri()  # file:///.../exp, read through pyarrow's filesystems like s3:// or gs://
+    run = subprocess.run([sys.executable, "-m", "tune_lfm.analysis", uri, "--quiet"], cwd=workdir,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    out = workdir / "analysis-exp"
+    assert re.search(rf"^Wrote \d+ files to {re.escape(str(out))}:$", run.stdout, re.MULTILINE), run.stdout
+    assert not (experiment / "analysis").exists()
+    for name in ("report.md", "pareto.parquet", "plots/front_train_loss-kl.png", "plots/loss_curves.png"):
+        assert (out / name).is_file(), name  # loss curves: history.parquet was found beside trials.parquet
+    assert _check_preset_file(out / "presets" / "best_quality.yaml", "tiny-lfm2")["lora_rank"] == 8
+    report = (out / "report.md").read_text()
+    assert f"Inputs: {uri}/trials.parquet." in report and "| tg-0 | 2e-4 |" in report
+
+
+def test_a_uri_to_a_csv_is_that_table_named_by_its_stem(tmp_path):
+    table = _write(tmp_path / "mine.csv", "train_loss,kl,trainable_params\n2.0,0.1,100\n1.5,0.2,200\n")
+    result = analyse([table.as_uri()])
+    assert result.data.sources == [table.as_uri()]
+    assert set(result.done["sweep"]) == {"mine"} and result.done["train_loss"].tolist() == [2.0, 1.5]
+
+
+def test_cli_on_a_uri_without_trials_names_it_and_exits_2(tmp_path):
+    empty = tmp_path / "not-yet"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("x")
+    run = subprocess.run([sys.executable, "-m", "tune_lfm.analysis", empty.as_uri()], cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert (f"tune_lfm.analysis: error: {empty.as_uri()}: not an experiment directory: it has no trials.parquet "
+            "(it holds: notes.txt)") in run.stderr
+    assert not (tmp_path / "analysis-not-yet").exists()
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: d.as_uri() + "/gone", r"file://.*/gone: no such file or directory"),
+    (lambda d: _write(d / "t.parquet", "not parquet").as_uri(), r"file://.*/t.parquet: cannot be read as parquet: "),
+    (lambda d: _write(d / "t.csv", "").as_uri(), r"file://.*/t.csv: the file is empty"),
+    (lambda d: "nosuch://bucket/exp", r"nosuch://bucket/exp: cannot be accessed: Unrecognized filesystem type"),
+    (lambda d: "s3://bucket/exp?endpoint_override=127.0.0.1:9&scheme=http&region=us-east-1",  # nothing listens
+     r"s3://bucket/exp\?.*: cannot be accessed: .*(connect|Connect)"),
+])
+def test_unusable_uri_gives_a_clear_message(tmp_path, capsys, make, message):
+    assert main([make(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert re.search(message, error), error
+    assert not (tmp_path / "out").exists()

@@ -80,6 +80,17 @@ def test_plan_takes_the_largest_micro_batch_that_fits(tiny, monkeypatch):
     assert [tokens for tokens, _ in seen] == [sum(lengths[:8]), sum(lengths[:4]), sum(lengths[:2])]
 
 
+def test_plan_measured_at_the_configured_micro_batch_goes_no_larger(tiny, monkeypatch):
+    """What the search driver measures: the configured micro-batch on a whole GPU, not the largest that fits."""
+    config, model, tokenizer, data = tiny
+    probe, seen = token_proportional_probe(0.001)
+    monkeypatch.setattr(memory, "probe_peak_gb", probe)
+    plan = memory.plan_micro_batch(model, data.train, config, True, tokenizer.pad_token_id, "cuda", 1e6,
+                                   largest=config.batch_size)
+    assert plan.micro_batch == config.batch_size == 2 and len(seen) == 1
+    assert plan.probe_peak_gb == pytest.approx(seen[0][0] * 0.001)
+
+
 def test_plan_turns_on_checkpointing_only_when_nothing_fits_without_it(tiny, monkeypatch):
     config, model, tokenizer, data = tiny
     longest = max(len(e["input_ids"]) for e in data.train)

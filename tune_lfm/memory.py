@@ -8,8 +8,10 @@ kernels. On a CPU it does not (benchmarks/RESULTS.md), so CPU trials keep the co
 
 "Fits" is measured, not estimated: the trial's worst micro-batch (its longest conversations) runs forward and
 backward through the same fused LM head the trainer uses, within the trial's share of the GPU. When even one
-conversation does not fit, gradient checkpointing is switched on and the search repeats. The search driver runs the
-same measurement for the sweep's heaviest trial on a whole GPU and divides the GPU by it (`trials_per_gpu`).
+conversation does not fit, gradient checkpointing is switched on and the search repeats. The search driver measures
+the sweep's heaviest trial the same way on a whole GPU, at its configured micro-batch (`batch_size`), and divides
+the GPU by that (`trials_per_gpu`): as many trials as measured best share a GPU, and each then plans the largest
+micro-batch that fits its share.
 """
 
 from __future__ import annotations
@@ -115,8 +117,9 @@ def _enable_checkpointing(model) -> None:
 
 
 def plan_micro_batch(model, examples: list[dict], config: TrialConfig, packing: bool, pad_token_id: int, device,
-                     budget_gb: float | None) -> MicroBatchPlan:
-    """The largest micro-batch whose worst case fits `budget_gb`; checkpointing only when nothing fits without it.
+                     budget_gb: float | None, largest: int | None = None) -> MicroBatchPlan:
+    """The largest micro-batch (at most `largest`) whose worst case fits `budget_gb`; checkpointing only when
+    nothing fits without it.
 
     A `micro_batch_size` in the config is used as given, and CPU trials keep `batch_size` (see the module doc).
     """
@@ -127,7 +130,7 @@ def plan_micro_batch(model, examples: list[dict], config: TrialConfig, packing: 
     for checkpointing in dict.fromkeys([config.gradient_checkpointing, True]):
         if checkpointing:
             _enable_checkpointing(model)
-        for size in micro_batch_options(effective):
+        for size in [size for size in micro_batch_options(effective) if size <= (largest or effective)]:
             peak = probe_peak_gb(model, worst_case_batch(examples, size, packing, pad_token_id), device)
             if peak is not None and (budget_gb is None or peak <= MEMORY_HEADROOM * budget_gb):
                 return MicroBatchPlan(size, effective // size, checkpointing, peak)

@@ -35,7 +35,8 @@ class StorageError(RuntimeError):
     """The experiment directory cannot be written."""
 
 
-def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """pyarrow's filesystem for `uri` (s3://, gs://, file://, ...; a plain path is local) and the path within it."""
     if "://" in uri:
         return pafs.FileSystem.from_uri(uri)
     return pafs.LocalFileSystem(), os.path.abspath(uri)
@@ -61,7 +62,7 @@ def history_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
 
 def write_parquet_atomic(frame: pd.DataFrame, uri: str) -> None:
     """Write `frame` to `uri` so that readers see the old file or the new one, never a partial one."""
-    fs, path = _filesystem(uri)
+    fs, path = filesystem(uri)
     table = pa.Table.from_pandas(frame, preserve_index=False)
     parent = path.rsplit("/", 1)[0]
     try:
@@ -82,7 +83,7 @@ def read_parquet(uri: str) -> pd.DataFrame | None:
     Readers that open the file more than once (pyarrow datasets, and so pd.read_parquet(path), polars, DuckDB) can
     pair the footer of one version with the pages of the next while a sweep rewrites it.
     """
-    fs, path = _filesystem(uri)
+    fs, path = filesystem(uri)
     if fs.get_file_info(path).type == pafs.FileType.NotFound:
         return None
     with fs.open_input_stream(path) as stream:
@@ -91,7 +92,7 @@ def read_parquet(uri: str) -> pd.DataFrame | None:
 
 def check_writable(directory: str) -> None:
     """Fail before any trial runs if results could not be saved."""
-    fs, path = _filesystem(directory)
+    fs, path = filesystem(directory)
     probe = f"{path}/.write-test-{uuid.uuid4().hex[:8]}"
     try:
         fs.create_dir(path, recursive=True)

@@ -207,12 +207,10 @@ def _train_loss(history: list[dict]) -> float:
     return sum(losses[-tail:]) / tail
 
 
-def _trainable_model(config: TrialConfig, ref, data: PreparedData, tokenizer, device, bf16: bool,
-                     gpu_share: float | None, log: Callable[[str], None]):
-    """The model on `device` with its LoRA adapter, whether it trains packed, and its micro-batch plan."""
+def _trainable_model(config: TrialConfig, ref, device, bf16: bool, log: Callable[[str], None]):
+    """The model on `device` with its LoRA adapter, and whether it can train packed (see `tune_lfm.packing`)."""
     import torch
 
-    from .memory import memory_budget_gb, plan_micro_batch
     from .models import load_model
     from .packing import prepare_model_for_packing
 
@@ -222,19 +220,20 @@ def _trainable_model(config: TrialConfig, ref, data: PreparedData, tokenizer, de
         log(f"[tune_lfm] {config.model} mixes tokens across packed conversations here; training unpacked (same run, "
             "slower)")
     model, targets = attach_lora(model, config)
-    plan = plan_micro_batch(model, data.train, config, packing, tokenizer.pad_token_id, device,
-                            memory_budget_gb(device, gpu_share))
-    return model, targets, packing, plan
+    return model, targets, packing
 
 
 def measure_trial_memory(config: TrialConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Peak GPU memory of `config`'s worst micro-batch, at the largest micro-batch that fits a whole GPU (CUDA only).
+    """Peak GPU memory of `config`'s worst micro-batch at its configured size (`micro_batch_size`, else
+    `batch_size`) on a whole GPU (CUDA only); with gradient checkpointing only if it does not fit without.
 
-    The search driver divides a GPU by this to decide how many trials share it; each trial then plans its own
-    micro-batch within its share, which finds the same one.
+    The search driver divides a GPU by this to decide how many trials share it. Measuring at the configured size,
+    not the largest, lets the measured-best number of trials share a GPU; each trial then plans the largest
+    micro-batch that fits its share.
     """
     import torch
 
+    from .memory import memory_budget_gb, plan_micro_batch
     from .models import load_tokenizer, resolve_model
 
     device = select_device()
@@ -243,7 +242,10 @@ def measure_trial_memory(config: TrialConfig, log: Callable[[str], None] = print
     ref = resolve_model(config.model)
     tokenizer = load_tokenizer(ref)
     data = prepare_data(config, tokenizer)
-    _, _, packing, plan = _trainable_model(config, ref, data, tokenizer, device, use_bf16(config, device), None, log)
+    model, _, packing = _trainable_model(config, ref, device, use_bf16(config, device), log)
+    plan = plan_micro_batch(model, data.train, config.replace(micro_batch_size=None), packing,
+                            tokenizer.pad_token_id, device, memory_budget_gb(device, None),
+                            largest=config.micro_batch_size or config.batch_size)
     return {"peak_gb": plan.probe_peak_gb, "micro_batch": plan.micro_batch, "packing": packing,
             "gradient_checkpointing": plan.gradient_checkpointing, "gpu_name": torch.cuda.get_device_name(device),
             "gpu_total_gb": torch.cuda.get_device_properties(device).total_memory / 2**30}
@@ -261,6 +263,7 @@ def run_trial(config: TrialConfig, reporter: Reporter | None = None, save_adapte
     from trl import SFTTrainer
 
     from . import metrics
+    from .memory import memory_budget_gb, plan_micro_batch
     from .models import load_tokenizer, resolve_model
     from .optim import build_optimizer, prepare_for_eval
 
@@ -277,7 +280,9 @@ def run_trial(config: TrialConfig, reporter: Reporter | None = None, save_adapte
     tokenizer = load_tokenizer(ref)
     data = prepare_data(config, tokenizer)
     prepared = time.perf_counter()
-    model, targets, packing, plan = _trainable_model(config, ref, data, tokenizer, device, bf16, gpu_share, log)
+    model, targets, packing = _trainable_model(config, ref, device, bf16, log)
+    plan = plan_micro_batch(model, data.train, config, packing, tokenizer.pad_token_id, device,
+                            memory_budget_gb(device, gpu_share))
     loaded = time.perf_counter()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())

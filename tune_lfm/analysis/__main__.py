@@ -25,8 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m tune_lfm.analysis",
         description="Pareto fronts, presets, study tables, plots and a report from saved trial dataframes.")
     parser.add_argument("paths", nargs="+", metavar="PATH",
-                        help="experiment directory (with trials.parquet), a trials .parquet or a .csv; several combine")
-    parser.add_argument("--out", type=Path, help="output directory (default: beside the first PATH)")
+                        help="experiment directory (with trials.parquet), a trials .parquet or a .csv; a local path "
+                             "or a URI (s3://, gs://, file://, hdfs://...); several combine")
+    parser.add_argument("--out", type=Path,
+                        help="output directory (default: beside the first PATH; for a URI, the local "
+                             "./analysis-<its last path component>)")
     parser.add_argument("--reference", type=Path, metavar="CSV",
                         help="published numbers to compare with, e.g. analysis/reference/seed_tables.csv")
     parser.add_argument("--objectives", action="append", metavar="SPEC",

@@ -1,23 +1,74 @@
 """Read trial tables (experiment directories, trials.parquet files, CSVs) into one checked dataframe.
 
 Every problem is reported with the path it came from, because users point this at directories written by long
-sweeps and need to know which file to look at.
+sweeps and need to know which file to look at. A location given as a URI (`s3://`, `gs://`, `file://`, `hdfs://`:
+the shared storage of a cluster sweep) is read through pyarrow's filesystems, each file in one read, because the
+sweep may be replacing it meanwhile.
 """
 
 from __future__ import annotations
 
+import io
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath, PurePosixPath
 from typing import Sequence
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.fs as pafs
 
+from ..results import filesystem, read_parquet
 from .formatting import is_missing
 from .schema import COMPLETED, HISTORY_COLUMNS, NUMERIC_COLUMNS, REQUIRED_COLUMNS, AnalysisError
 
 TRIALS_FILE = "trials.parquet"
 HISTORY_FILE = "history.parquet"
-ACCEPTED = "an experiment directory (holding trials.parquet), a .parquet file or a .csv file"
+ACCEPTED = ("an experiment directory (holding trials.parquet), a .parquet file or a .csv file, "
+            "as a local path or a URI such as s3://bucket/prefix")
+
+Location = Path | str
+"""A local path, or a URI (a str holding "://") read through pyarrow's filesystems."""
+
+
+def is_uri(given: str | Path) -> bool:
+    """A Path cannot hold a URI (it folds "//"), so only strings are checked."""
+    return isinstance(given, str) and "://" in given
+
+
+def _parts(where: Location) -> PurePath:
+    """Name, stem and suffix of a location; a URI's path splits on "/" like a POSIX path."""
+    return where if isinstance(where, Path) else PurePosixPath(where)
+
+
+def _child(where: Location, name: str) -> Location:
+    return where / name if isinstance(where, Path) else f"{where.rstrip('/')}/{name}"
+
+
+def _sibling(where: Location, name: str) -> Location:
+    return where.parent / name if isinstance(where, Path) else f"{where.rsplit('/', 1)[0]}/{name}"
+
+
+@contextmanager
+def _reaching(where: Location) -> Iterator[None]:
+    """Missing credentials, an unknown scheme or an unreachable bucket: name the location and what went wrong."""
+    try:
+        yield
+    except (OSError, pa.ArrowException) as err:
+        raise AnalysisError(f"{where}: cannot be accessed: {err}") from None
+
+
+def _kind(where: Location) -> pafs.FileType:
+    with _reaching(where):
+        fs, path = filesystem(str(where))
+        return fs.get_file_info(path).type
+
+
+def _names_in(directory: Location) -> list[str]:
+    with _reaching(directory):
+        fs, path = filesystem(str(directory))
+        return sorted(PurePosixPath(info.path).name for info in fs.get_file_info(pafs.FileSelector(path)))
 
 
 @dataclass
@@ -31,40 +82,53 @@ class TrialData:
     """Things the report should mention that did not stop the analysis (e.g. an unreadable history file)."""
 
 
-def _read_table(path: Path) -> pd.DataFrame:
+def _load_parquet(where: Location) -> pd.DataFrame:
+    frame = read_parquet(str(where))  # one read: a running sweep may be replacing the file
+    if frame is None:
+        raise FileNotFoundError("it was removed after it was found")
+    return frame
+
+
+def _load_csv(where: Location) -> pd.DataFrame:
+    fs, path = filesystem(str(where))
+    with fs.open_input_stream(path) as stream:
+        return pd.read_csv(io.BytesIO(stream.read()))
+
+
+def _read_table(where: Location) -> pd.DataFrame:
+    csv = _parts(where).suffix == ".csv"
     try:
-        if path.suffix == ".csv":
-            return pd.read_csv(path)
-        return pd.read_parquet(path)
+        return _load_csv(where) if csv else _load_parquet(where)
     except pd.errors.EmptyDataError:
-        raise AnalysisError(f"{path}: the file is empty; expected a header row and one row per trial") from None
+        raise AnalysisError(f"{where}: the file is empty; expected a header row and one row per trial") from None
     except (OSError, ValueError) as err:
-        kind = "CSV" if path.suffix == ".csv" else "parquet"
-        raise AnalysisError(f"{path}: cannot be read as {kind}: {err}") from None
+        raise AnalysisError(f"{where}: cannot be read as {'CSV' if csv else 'parquet'}: {err}") from None
 
 
-def _locate(path: Path) -> tuple[Path, Path | None]:
-    """The trials file behind a user-given path, and the history file saved beside it (if any)."""
-    if not path.exists():
-        raise AnalysisError(f"{path}: no such file or directory; give {ACCEPTED}")
-    if path.is_dir():
-        trials = path / TRIALS_FILE
-        if not trials.is_file():
-            found = ", ".join(sorted(p.name for p in path.iterdir())[:10]) or "nothing"
-            raise AnalysisError(f"{path}: not an experiment directory: it has no {TRIALS_FILE} (it holds: {found})")
-    elif path.suffix in (".parquet", ".csv"):
-        trials = path
+def _locate(where: Location) -> tuple[Location, Location | None]:
+    """The trials file behind a user-given location, and the history file saved beside it (if any)."""
+    kind, suffix = _kind(where), _parts(where).suffix
+    if kind == pafs.FileType.NotFound:
+        raise AnalysisError(f"{where}: no such file or directory; give {ACCEPTED}")
+    if kind == pafs.FileType.Directory:
+        trials = _child(where, TRIALS_FILE)
+        if _kind(trials) != pafs.FileType.File:
+            found = ", ".join(_names_in(where)[:10]) or "nothing"
+            raise AnalysisError(f"{where}: not an experiment directory: it has no {TRIALS_FILE} (it holds: {found})")
+    elif suffix in (".parquet", ".csv"):
+        trials = where
     else:
-        raise AnalysisError(f"{path}: unsupported input {path.suffix or '(no suffix)'}; give {ACCEPTED}")
-    history = trials.parent / HISTORY_FILE
-    return trials, history if history.is_file() and history != trials else None
+        raise AnalysisError(f"{where}: unsupported input {suffix or '(no suffix)'}; give {ACCEPTED}")
+    history = _sibling(trials, HISTORY_FILE)
+    return trials, history if history != trials and _kind(history) == pafs.FileType.File else None
 
 
-def _source_label(path: Path) -> str:
-    return path.name if path.is_dir() else path.stem
+def _source_label(given: Location, trials: Location) -> str:
+    """A directory is named by itself, a file by its stem."""
+    return _parts(given).name if trials != given else _parts(given).stem
 
 
-def _check_numeric(frame: pd.DataFrame, where: Path) -> pd.DataFrame:
+def _check_numeric(frame: pd.DataFrame, where: Location) -> pd.DataFrame:
     frame = frame.copy()
     for column in NUMERIC_COLUMNS:
         if column not in frame:
@@ -79,7 +143,7 @@ def _check_numeric(frame: pd.DataFrame, where: Path) -> pd.DataFrame:
     return frame
 
 
-def normalise_trials(frame: pd.DataFrame, where: Path, label: str) -> pd.DataFrame:
+def normalise_trials(frame: pd.DataFrame, where: Location, label: str) -> pd.DataFrame:
     """Check one input's columns and fill what the analysis may assume: status, sweep, trial_id and source."""
     if frame.empty:
         raise AnalysisError(f"{where}: holds no trials (0 rows)")
@@ -97,9 +161,9 @@ def normalise_trials(frame: pd.DataFrame, where: Path, label: str) -> pd.DataFra
     return frame
 
 
-def _read_history(path: Path, notes: list[str]) -> pd.DataFrame | None:
+def _read_history(path: Location, notes: list[str]) -> pd.DataFrame | None:
     try:
-        history = pd.read_parquet(path)
+        history = _load_parquet(path)
     except (OSError, ValueError) as err:
         notes.append(f"{path}: not used for loss curves, it cannot be read: {err}")
         return None
@@ -113,13 +177,13 @@ def _read_history(path: Path, notes: list[str]) -> pd.DataFrame | None:
 
 
 def load_trials(paths: Sequence[str | Path]) -> TrialData:
-    """Read and combine the inputs; raise AnalysisError naming the path on anything unusable."""
+    """Read and combine the inputs (local paths or URIs); raise AnalysisError naming the path on anything unusable."""
     if not paths:
         raise AnalysisError(f"no input given; give {ACCEPTED}")
     frames, histories, sources, notes = [], [], [], []
-    for given in map(Path, paths):
+    for given in (p if is_uri(p) else Path(p) for p in paths):
         trials_path, history_path = _locate(given)
-        frames.append(normalise_trials(_read_table(trials_path), trials_path, _source_label(given)))
+        frames.append(normalise_trials(_read_table(trials_path), trials_path, _source_label(given, trials_path)))
         sources.append(str(trials_path))
         if history_path is not None:
             history = _read_history(history_path, notes)

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Sequence
 
 import pandas as pd
 
 from .compare import compare_with_reference
 from .derive import add_derived
-from .load import TrialData, expand_sweeps, load_trials, split_completed
+from .load import TrialData, expand_sweeps, is_uri, load_trials, split_completed
 from .pareto import DEFAULT_FRONTS, Front, check_objectives, front_name, on_front, pareto_table
 from .plots import plot_fronts, plot_loss_curves, plot_spreads
 from .presets import Preset, PresetRules, choose_presets, write_presets
@@ -73,7 +73,10 @@ def analyse(paths: Sequence[str | Path], reference: str | Path | None = None,
 
 
 def default_output(path: str | Path) -> Path:
-    """Beside the input: `<experiment dir>/analysis`, or `<file stem>_analysis` next to a file."""
+    """Beside a local input: `<experiment dir>/analysis`, or `<file stem>_analysis` next to a file. A URI's location
+    (a bucket) may not be writable from here: `analysis-<its last path component>` in the working directory."""
+    if is_uri(path):
+        return Path(f"analysis-{PurePosixPath(path).name}").absolute()
     path = Path(path)
     return path / "analysis" if path.is_dir() else path.parent / f"{path.stem}_analysis"
 
