@@ -85,3 +85,15 @@ def test_cli_reports_errors_without_a_traceback(tmp_path):
     out = subprocess.run([sys.executable, "-m", "tune_lfm.search", str(path), "--dry-run"], capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 2 and "bad.yaml" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_shipped_sweeps_are_found_inside_the_package_for_wheel_installs():
+    """search_spaces/ is linked into tune_lfm/, where package data (and so a wheel) picks the files up."""
+    from pathlib import Path
+
+    import tune_lfm
+    from tune_lfm.spaces import SPACES_DIR
+
+    top_level = Path(__file__).resolve().parents[1] / "search_spaces"
+    assert SPACES_DIR.parent == Path(tune_lfm.__file__).resolve().parent
+    assert sorted(p.name for p in SPACES_DIR.glob("*.yaml")) == sorted(p.name for p in top_level.glob("*.yaml"))

@@ -37,7 +37,8 @@ import yaml
 
 from .config import EMBEDDED_MODEL, FIELD_NAMES, ConfigError, TrialConfig, config_from_dict
 
-SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+SPACES_DIR = Path(__file__).resolve().parent / "search_spaces"
+"""The shipped sweeps: the top-level search_spaces/, linked into the package so a wheel install has them too."""
 TOP_KEYS = ("name", "description", "include", "fixed", "sweep", "search", "scheduler", "resources", "max_failures",
             "user_datasets")
 DIMENSION_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
