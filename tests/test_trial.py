@@ -68,3 +68,17 @@ def test_cli_rejects_unknown_dataset_with_the_known_names():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "nope" in out.stderr and "smol-magpie-ultra" in out.stderr
+
+
+def test_execution_settings_reach_the_trainer(tmp_path):
+    """The planned micro-batch, packing and torch.compile are what SFTTrainer is configured with."""
+    from tune_lfm.memory import MicroBatchPlan
+    from tune_lfm.trial import _sft_config
+
+    config = TrialConfig(**{**QUICK, "grad_accum": 4}, dataset="alpaca", torch_compile=True)
+    args = _sft_config(config, MicroBatchPlan(8, 2, True, None), True, str(tmp_path), False, False)
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (8, 2)
+    assert args.padding_free and args.torch_compile and args.gradient_checkpointing
+    unpacked = _sft_config(config.replace(torch_compile=False), MicroBatchPlan(4, 4, False, None), False,
+                           str(tmp_path), False, False)
+    assert not unpacked.padding_free and unpacked.max_length == config.max_length and not unpacked.torch_compile

@@ -82,6 +82,9 @@ class TrialConfig:
     on CPU."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass; switched on by itself when no micro-batch fits without it."""
+    torch_compile: bool = False
+    """torch.compile the model: the same run, compiled once per shape family (the first new row length recompiles,
+    then shapes go dynamic). 9% faster on CPU for tiny-lfm2 (benchmarks/RESULTS.md); not yet measured on a GPU."""
     precision: str = "auto"
     """auto (bf16 where the GPU supports it, else fp32) | bf16 | fp32."""
     kl_batch_size: int = 8

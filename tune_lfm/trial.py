@@ -186,7 +186,7 @@ def _sft_config(config: TrialConfig, plan: MicroBatchPlan, packing: bool, output
         gradient_accumulation_steps=plan.grad_accum, learning_rate=config.learning_rate,
         lr_scheduler_type="constant" if uses_own_schedule(config.optimizer) else config.lr_scheduler,
         warmup_steps=config.warmup_steps, weight_decay=config.weight_decay, **layout,
-        gradient_checkpointing=plan.gradient_checkpointing, bf16=bf16, fp16=False,
+        gradient_checkpointing=plan.gradient_checkpointing, torch_compile=config.torch_compile, bf16=bf16, fp16=False,
         seed=config.seed, data_seed=config.seed, logging_steps=config.logging_steps, logging_nan_inf_filter=False,
         include_num_input_tokens_seen="non_padding", save_strategy="no", eval_strategy="no", report_to="none",
         disable_tqdm=not progress, dataloader_num_workers=0, use_cpu=not _cuda_available(),
