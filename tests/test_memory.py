@@ -57,6 +57,36 @@ def test_probe_forward_is_the_trainers_fused_loss_and_is_removed_afterwards(tiny
     assert fused.grad_fn is None and after.logits is not None and "forward" not in vars(model.get_base_model())
 
 
+def test_probe_trains_one_step_without_leaving_a_trace(tiny, monkeypatch):
+    """The probe's bookkeeping, on CPU: CUDA's counters are stood in for, the forward and backward are real."""
+    _, model, tokenizer, data = tiny
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 3 * 2**30)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    batch = memory.worst_case_batch(data.train, 2, False, tokenizer.pad_token_id)
+    model.eval()
+    rng = torch.get_rng_state()
+    seen = []
+    def record(module, args, output):  # and draw a random number, as dropout would
+        seen.append(module.training)
+        torch.rand(1)
+
+    hook = model.register_forward_hook(record)
+    try:
+        assert memory.probe_peak_gb(model, batch, "cpu") == 3.0
+    finally:
+        hook.remove()
+    assert seen == [True] and not model.training and torch.equal(torch.get_rng_state(), rng)
+    assert all(p.grad is None for p in model.parameters()) and "forward" not in vars(model.get_base_model())
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (stand-in)")
+
+    monkeypatch.setattr(model.get_base_model().model, "forward", out_of_memory)
+    assert memory.probe_peak_gb(model, batch, "cpu") is None
+    assert not model.training and "forward" not in vars(model.get_base_model())
+
+
 def token_proportional_probe(gb_per_token: float, checkpointing_saves: float = 1.0):
     """A stand-in for CUDA's peak-memory counter: peak grows with the batch's tokens, less under checkpointing."""
     seen = []

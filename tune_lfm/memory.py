@@ -91,20 +91,29 @@ def _fused_lm_head(model):
 
 
 def probe_peak_gb(model, batch: dict, device) -> float | None:
-    """Peak GiB of one training forward and backward on `batch`, or None when it runs out of memory."""
+    """Peak GiB of one training forward and backward on `batch`, or None when it runs out of memory.
+
+    Runs in train mode, as training will, with the random state restored afterwards, so how many probes a trial
+    needs (which depends on its GPU share) cannot change its dropout masks.
+    """
     inputs = {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
+    was_training = model.training
     torch.cuda.reset_peak_memory_stats(device)
-    try:
-        with _fused_lm_head(model):
-            model(**inputs, use_cache=False, fused_lm_head=True).loss.backward()
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    except torch.OutOfMemoryError:
-        return None
-    finally:
-        model.zero_grad(set_to_none=True)
-        del inputs
-        gc.collect()
-        torch.cuda.empty_cache()
+    with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
+        model.train()
+        try:
+            with _fused_lm_head(model):
+                model(**inputs, use_cache=False, fused_lm_head=True).loss.backward()
+            peak = torch.cuda.max_memory_allocated(device) / 2**30
+        except torch.OutOfMemoryError:
+            peak = None  # leaving the handler drops the traceback, and with it the half-built graph
+        finally:
+            model.train(was_training)
+    model.zero_grad(set_to_none=True)
+    del inputs
+    gc.collect()
+    torch.cuda.empty_cache()
+    return peak
 
 
 def _enable_checkpointing(model) -> None:
