@@ -10,7 +10,9 @@ Command::
 PATH is an experiment directory (its ``trials.parquet``, and ``history.parquet`` when present), a trials
 ``.parquet`` file or a ``.csv`` with the same columns; several paths are combined. A table without a ``status``
 column (the published study) counts every row as completed; one without ``sweep`` is one sweep named after the file.
-The output directory defaults to ``<experiment dir>/analysis`` or ``<file stem>_analysis`` beside a file.
+A PATH may also be a URI (``s3://``, ``gs://``, ``file://``: a cluster sweep's ``--storage``), read file by file in
+one read each. The output directory defaults to ``<experiment dir>/analysis`` or ``<file stem>_analysis`` beside a
+local file, and to a local ``./analysis-<name>`` for a URI.
 
 Outputs:
 
