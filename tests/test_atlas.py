@@ -206,3 +206,32 @@ def test_cli_end_to_end_writes_json_and_plot_and_reuses_the_cache(adapted, atlas
     assert second.returncode == 0, second.stderr[-2000:]
     assert "computing" not in second.stderr
     assert f"hubs {printed['hubs']}" in second.stdout and "noise floor" in second.stdout
+
+
+def test_replayed_ablation_equals_skipping_the_layer_in_a_full_pass(tokenizer):
+    """measure() replays the layers before the skipped one; computing every layer with the skipped one's output
+    replaced by its input (the definition of ablation) must give the same losses, and no layer stays patched."""
+    from tune_lfm import metrics
+    from tune_lfm.atlas.scores import measure, probe_examples
+    from tune_lfm.targets import decoder_layers
+
+    model = load_model(TINY, torch.float32, "cpu").eval()
+    examples = probe_examples(tokenizer, 96)[:3]
+    sums = measure(model, examples, 3, tokenizer.pad_token_id, "cpu")
+    layers = decoder_layers(model)
+    assert not any("forward" in vars(layer) for layer in layers)
+    batch = next(metrics.batches(examples, 3, tokenizer.pad_token_id))
+
+    def skip(module, args, kwargs, output):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    for index in (0, len(layers) // 2, len(layers) - 1):
+        handle = layers[index].register_forward_hook(skip, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                hidden, targets = metrics.scored_hidden(model, batch, "cpu")
+                nll = -metrics.next_token_log_probs(model, hidden).gather(-1, targets[:, None]).sum()
+        finally:
+            handle.remove()
+        torch.testing.assert_close(sums.skipped_nll[:, index].sum(), nll.double(), rtol=1e-6, atol=1e-6)

@@ -79,10 +79,33 @@ def _layer_output(output) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
-def _skip(module, args, kwargs, output):
-    """Forward hook: the layer returns its input, as if it were not there."""
-    hidden = _layer_input(args, kwargs)
-    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+def _output_recorder(into: list, index: int):
+    """Forward hook keeping a layer's output, so later passes can replay it instead of recomputing the layer."""
+
+    def hook(module, args, kwargs, output):
+        into[index] = output
+
+    return hook
+
+
+@contextlib.contextmanager
+def _replayed(layers: list, outputs: list, skipped: int):
+    """Layers before `skipped` return their recorded outputs without computing (their inputs are unchanged in
+    this pass, so their outputs are too); layer `skipped` returns its input, as if it were not there."""
+
+    def skip(*args, **kwargs):
+        hidden = _layer_input(args, kwargs)
+        recorded = outputs[skipped]
+        return (hidden, *recorded[1:]) if isinstance(recorded, tuple) else hidden
+
+    for index, layer in enumerate(layers[:skipped]):
+        layer.forward = lambda *args, _output=outputs[index], **kwargs: _output
+    layers[skipped].forward = skip
+    try:
+        yield
+    finally:
+        for layer in layers[: skipped + 1]:
+            del layer.forward  # the instance attribute set above; the class's forward shows through again
 
 
 def _cosine_recorder(keep: torch.Tensor, rows: torch.Tensor, into: torch.Tensor):
@@ -120,9 +143,11 @@ def _row_nll(model, batch: dict, device, rows: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def measure(model, examples: list[dict], batch_size: int, pad_token_id: int, device) -> ProbeSums:
-    """Run the probe once as is (recording every layer's input/output cosine) and once per skipped layer.
+    """Run the probe once as is (recording every layer's input/output cosine and output) and once per skipped layer.
 
-    Conversations are batched shortest first, which cuts padding by about a quarter; sums stay in probe order.
+    A pass that skips layer l replays the recorded outputs of layers 0..l-1 and computes only the layers after l,
+    which halves the work of the ablation passes and gives the same numbers. Conversations are batched shortest
+    first, which cuts padding by about a quarter; sums stay in probe order.
     """
     layers = decoder_layers(model)
     sums = ProbeSums.zeros(len(examples), len(layers))
@@ -134,11 +159,14 @@ def measure(model, examples: list[dict], batch_size: int, pad_token_id: int, dev
         rows = keep.nonzero(as_tuple=True)[0]
         keep_on_device = keep.to(device)
         cosine = torch.zeros(len(keep), len(layers), dtype=torch.float64)
-        with _hooked((layer, _cosine_recorder(keep_on_device, rows, cosine[:, i])) for i, layer in enumerate(layers)):
+        outputs: list = [None] * len(layers)
+        hooks = [(layer, hook) for i, layer in enumerate(layers)
+                 for hook in (_cosine_recorder(keep_on_device, rows, cosine[:, i]), _output_recorder(outputs, i))]
+        with _hooked(hooks):
             sums.base_nll[probe_rows] = _row_nll(model, batch, device, rows)
         sums.cosine[probe_rows] = cosine
-        for index, layer in enumerate(layers):
-            with _hooked([(layer, _skip)]):
+        for index in range(len(layers)):
+            with _replayed(layers, outputs, index):
                 sums.skipped_nll[probe_rows, index] = _row_nll(model, batch, device, rows)
         sums.tokens[probe_rows] = keep.sum(1).double()
     return sums
