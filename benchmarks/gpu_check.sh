@@ -5,7 +5,7 @@
 # Prepare here (repo root), once:   bash ../shared/device/make_wheels.sh schedulefree==1.4.1 lion-pytorch==0.2.5
 # Run with the device tool:         command "bash benchmarks/gpu_check.sh", carry [".whl"], timeout_s 600
 # Choose parts (default: throughput concurrent study):
-#   bash benchmarks/gpu_check.sh equivalence throughput concurrent concurrent8 compile study
+#   bash benchmarks/gpu_check.sh equivalence throughput micro4 concurrent concurrent8 compile study
 # Knobs (environment): BUDGET_S (seconds for all parts, default 540), STEPS (optimizer steps per throughput arm, 30),
 #   STUDY_SPACE (sweep timed by study_wall, optimizers = 4 trials), STUDY_STEPS (30), STUDY_SET (extra --set items).
 # Everything lands in $OUT: <part>.json (the benchmark's JSON), <part>.log (its stderr), steps.txt, summary.txt.
@@ -42,9 +42,8 @@ THROUGHPUT=(python3 benchmarks/throughput.py --model "$MODEL" --steps "$STEPS" -
 for part in $PARTS; do
   case $part in
     equivalence) run equivalence 120 python3 benchmarks/packing_equivalence.py --model "$MODEL" --device cuda ;;
-    throughput)  # plain TRL against the trial path with its planned micro-batch, then at the study's micro-batch 4
-      run throughput 180 "${THROUGHPUT[@]}"
-      run throughput_mb4 100 "${THROUGHPUT[@]}" --arms tune_lfm --micro-batch 4 ;;
+    throughput) run throughput 180 "${THROUGHPUT[@]}" ;;  # plain TRL against the trial path, planned micro-batch
+    micro4) run throughput_mb4 100 "${THROUGHPUT[@]}" --arms tune_lfm --micro-batch 4 ;;  # at the study's micro-batch
     concurrent) run concurrent4 150 "${THROUGHPUT[@]}" --arms tune_lfm --concurrent 4 ;;
     concurrent8) run concurrent8 180 "${THROUGHPUT[@]}" --arms tune_lfm --concurrent 8 ;;  # is 4 per GPU the best?
     compile) run throughput_compile 180 "${THROUGHPUT[@]}" --arms tune_lfm --compile ;;
@@ -53,7 +52,7 @@ for part in $PARTS; do
       sets=(); for item in "${extra[@]}"; do sets+=(--set "$item"); done
       run study_wall 300 python3 benchmarks/study_wall.py --space "${STUDY_SPACE:-optimizers}" --scale full \
         --set "max_steps=${STUDY_STEPS:-30}" --set data_source=embedded "${sets[@]}" --log "$OUT/study_search.log" ;;
-    *) echo "unknown part '$part'; parts: equivalence throughput concurrent concurrent8 compile study" \
+    *) echo "unknown part '$part'; parts: equivalence throughput micro4 concurrent concurrent8 compile study" \
          | tee -a "$OUT/steps.txt" ;;
   esac
 done
