@@ -160,7 +160,8 @@ def resolve_scale(requested: str, cluster_gpus: float) -> str:
 
 
 def measured_gpus_per_trial(heaviest, cap: int) -> float:
-    """GPU fraction per trial from measured memory: the sweep's heaviest trial's worst micro-batch on a whole GPU.
+    """GPU fraction per trial from measured memory: the sweep's heaviest trial's worst micro-batch at its configured
+    size on a whole GPU (see `tune_lfm.memory`), with as many trials per GPU as fit, at most `cap`.
 
     The measurement runs as a Ray task on a GPU node (the driver may have none), in a worker that exits afterwards so
     its CUDA context does not stay on the GPU. If it fails, each trial gets a whole GPU and the failure is logged;
@@ -467,8 +468,8 @@ def run_search(args: argparse.Namespace) -> int:
         todo = longest_first([t for t in planned if t.trial_id not in finished])
         prepare_atlases([t.config for t in todo], atlas_device)
         prepare_shared_inputs([t.config for t in todo])
-        heaviest = max(todo, key=lambda t: (t.config.effective_batch * t.config.max_length, sizes[t.trial_id]),
-                       default=planned[0]).config
+        heaviest = max(todo, default=planned[0], key=lambda t: (
+            (t.config.micro_batch_size or t.config.batch_size) * t.config.max_length, sizes[t.trial_id])).config
         param_space, total, search_alg = _param_space_for_plan(todo, threads), len(planned), None
         num_samples = 1 if todo else 0
     if num_samples == 0:
