@@ -30,8 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path,
                         help="output directory (default: beside the first PATH; for a URI, the local "
                              "./analysis-<its last path component>)")
-    parser.add_argument("--reference", type=Path, metavar="CSV",
-                        help="published numbers to compare with, e.g. analysis/reference/seed_tables.csv")
+    parser.add_argument("--reference", metavar="CSV",
+                        help="published numbers to compare with (a path or URI), e.g. "
+                             "analysis/reference/seed_tables.csv")
     parser.add_argument("--objectives", action="append", metavar="SPEC",
                         help="one Pareto front as COLUMN:min|max,... (repeat for several); default: "
                              + " and ".join(front_name(f) for f in DEFAULT_FRONTS))
