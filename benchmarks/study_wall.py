@@ -18,7 +18,6 @@ Prints one JSON object; `--output` also writes it to a file.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -28,6 +27,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from benchmarks.json_report import emit  # noqa: E402
 PHASES = ("prepare_s", "load_s", "train_s", "eval_s", "atlas_s")
 """Per-trial phase columns, each counted when trials.parquet has it."""
 
@@ -119,10 +120,7 @@ def main(argv=None) -> int:
         report = {"benchmark": "study_wall", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                   "command": " ".join(command[1:]), "wall_s": exited - launched,
                   **breakdown(trials, history, launched, exited)}
-    text = json.dumps(report, indent=2, default=float)
-    if args.output:
-        Path(args.output).write_text(text)
-    print(text)
+    emit(report, args.output)
     return 0
 
 

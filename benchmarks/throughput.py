@@ -40,6 +40,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.json_report import emit  # noqa: E402
+
 ARMS = ("plain_trl", "tune_lfm")
 LENGTH_MEDIAN = 350
 LENGTH_SIGMA = 0.6
@@ -327,10 +329,7 @@ def main(argv=None) -> int:
         report["arms"] = {arm: median_run(arm_runs) for arm, arm_runs in runs.items()}
         if len(report["arms"]) == 2:
             report.update(compare(report["arms"]["plain_trl"], report["arms"]["tune_lfm"], args.loss_tolerance))
-    text = json.dumps(report, indent=2)
-    if args.output:
-        Path(args.output).write_text(text)
-    print(text)
+    emit(report, args.output)
     return 0
 
 
