@@ -166,3 +166,19 @@ def test_one_big_micro_batch_trains_exactly_like_accumulated_small_ones():
     # amplification of that rounding (other conversations would differ by ~1e-1 at once)
     torch.testing.assert_close(big[0], small[0], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(big, small, rtol=2e-3, atol=0)
+
+
+def test_patched_forwards_are_restored_including_ones_set_before():
+    """The probe and the hub check patch `forward` on instances; a wrapper already there (accelerate's hooks live
+    there) must come back, and a plain module must fall back to its class's forward."""
+    from tune_lfm.forwards import restored_forwards
+
+    plain, wrapped = torch.nn.Identity(), torch.nn.Identity()
+    wrapper = lambda x: x + 1  # noqa: E731
+    wrapped.forward = wrapper
+    with pytest.raises(RuntimeError):
+        with restored_forwards([plain, wrapped]):
+            plain.forward = wrapped.forward = lambda x: x * 0
+            raise RuntimeError("the block failed")
+    assert "forward" not in vars(plain) and plain(torch.ones(1)).item() == 1
+    assert wrapped.forward is wrapper and wrapped(torch.ones(1)).item() == 2

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import TrialConfig
+from .forwards import restored_forwards
 
 MEMORY_HEADROOM = 0.85
 """A probe must peak below this fraction of the trial's memory budget: the optimizer state, the allocator's
@@ -83,11 +84,9 @@ def _fused_lm_head(model):
     from trl.trainer import add_fused_lm_head
 
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    add_fused_lm_head(causal_lm, outputs=("log_probs", "entropy", "is_top1"))
-    try:
+    with restored_forwards([causal_lm]):
+        add_fused_lm_head(causal_lm, outputs=("log_probs", "entropy", "is_top1"))
         yield
-    finally:
-        del causal_lm.forward  # the instance attribute TRL set; the class's forward shows through again
 
 
 def probe_peak_gb(model, batch: dict, device) -> float | None:

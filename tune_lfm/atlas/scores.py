@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import metrics
+from ..forwards import restored_forwards
 from ..data.tokens import IGNORE_INDEX
 from ..targets import decoder_layers
 
@@ -98,14 +99,11 @@ def _replayed(layers: list, outputs: list, skipped: int):
         recorded = outputs[skipped]
         return (hidden, *recorded[1:]) if isinstance(recorded, tuple) else hidden
 
-    for index, layer in enumerate(layers[:skipped]):
-        layer.forward = lambda *args, _output=outputs[index], **kwargs: _output
-    layers[skipped].forward = skip
-    try:
+    with restored_forwards(layers[: skipped + 1]):
+        for index, layer in enumerate(layers[:skipped]):
+            layer.forward = lambda *args, _output=outputs[index], **kwargs: _output
+        layers[skipped].forward = skip
         yield
-    finally:
-        for layer in layers[: skipped + 1]:
-            del layer.forward  # the instance attribute set above; the class's forward shows through again
 
 
 def _cosine_recorder(keep: torch.Tensor, rows: torch.Tensor, into: torch.Tensor):
