@@ -278,8 +278,10 @@ def results_callback(experiment_dir: str, meta: dict[str, Any], total: int):
 
         def _summary(self, trials) -> None:
             statuses = [row.get("status") for row in self.record.rows.values()]
-            done, failed = len(self.record.finished_ids()), statuses.count("failed")
-            running = sum(t.status == "RUNNING" for t in trials)
+            finished = self.record.finished_ids()
+            done, failed = len(finished), statuses.count("failed")
+            # a trial whose final result just arrived is still RUNNING in Tune's eyes until its actor stops
+            running = sum(t.status == "RUNNING" and trial_params(t.config)["trial_id"] not in finished for t in trials)
             elapsed = time.time() - self.started
             settled_now = done + failed - self.finished_before
             eta = elapsed / max(settled_now, 1) * max(total - done - failed, 0)
