@@ -78,7 +78,7 @@ class TrialConfig:
     `tune_lfm.packing`). A model that fails the leak check trains unpacked; `packing_used` in the result says which."""
     micro_batch_size: int | None = None
     """Conversations per forward pass, a divisor of the effective batch; speed and memory only, the optimizer steps
-    are the same. None = the largest that fits the trial's GPU share, measured (see `tune_lfm.microbatch`); batch_size
+    are the same. None = the largest that fits the trial's GPU share, measured (see `tune_lfm.memory`); batch_size
     on CPU."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass; switched on by itself when no micro-batch fits without it."""
