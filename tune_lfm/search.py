@@ -404,11 +404,25 @@ def _keep_credentials_out_of_trial_runtime_envs() -> None:
 
 
 def latest_experiment(storage: str, sweep_name: str) -> str | None:
-    if "://" in storage or not os.path.isdir(storage):
+    """The most recently written experiment of `sweep_name` under `storage` (a directory or a URI such as s3://).
+
+    Object stores keep no directory times; there the time of the experiment's trials.parquet counts."""
+    import pyarrow.fs as pafs
+
+    from .results import filesystem
+
+    fs, root = filesystem(storage)
+    try:
+        entries = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    except OSError:
         return None
-    candidates = sorted((d for d in os.listdir(storage) if d == sweep_name or d.startswith(f"{sweep_name}-")),
-                        key=lambda d: os.path.getmtime(os.path.join(storage, d)))
-    return candidates[-1] if candidates else None
+    dirs = {e.base_name: e.mtime for e in entries if e.type == pafs.FileType.Directory
+            and (e.base_name == sweep_name or e.base_name.startswith(f"{sweep_name}-"))}
+    undated = [name for name, mtime in dirs.items() if mtime is None]
+    for info in fs.get_file_info([f"{root}/{name}/trials.parquet" for name in undated]):
+        dirs[info.path.rsplit("/", 2)[-2]] = info.mtime
+    dated = sorted((mtime.timestamp(), name) for name, mtime in dirs.items() if mtime is not None)
+    return dated[-1][1] if dated else None
 
 
 def run_search(args: argparse.Namespace) -> int:
