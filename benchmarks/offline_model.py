@@ -20,28 +20,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
 
-def write_random_model(hub_id: str, cache_dir: Path, dtype_name: str = "bfloat16") -> Path:
-    """The snapshot directory that now holds config, random weights and tokenizer for `hub_id`."""
+def save_random_model(hub_id: str, directory: Path, dtype_name: str = "bfloat16") -> Path:
+    """Write `hub_id`'s architecture with random weights, tiny-lfm2's tokenizer and a note saying so into `directory`."""
     import torch
-    from huggingface_hub import constants
     from transformers import AutoModelForCausalLM
 
     from tune_lfm.models import EMBEDDED_DIR, load_model_config, resolve_model
 
-    if cache_dir.resolve() == Path(constants.default_cache_path).resolve():
-        raise SystemExit(f"--cache-dir {cache_dir} is the default Hugging Face cache; use a scratch directory")
     config = load_model_config(resolve_model(hub_id))
-    commit = hashlib.sha1(f"tune_lfm random weights {hub_id}".encode()).hexdigest()
-    repo = cache_dir / f"models--{hub_id.replace('/', '--')}"
-    snapshot = repo / "snapshots" / commit
-    snapshot.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype_name))
-    model.save_pretrained(snapshot)
+    model.save_pretrained(directory)
     for name in TOKENIZER_FILES:
-        shutil.copy(EMBEDDED_DIR / name, snapshot / name)
-    (snapshot / "RANDOM_WEIGHTS.txt").write_text(f"{hub_id} built from its config with random weights by "
-                                                 "tune_lfm benchmarks/offline_model.py; timings only.\n")
+        shutil.copy(EMBEDDED_DIR / name, directory / name)
+    (directory / "RANDOM_WEIGHTS.txt").write_text(f"{hub_id} built from its config with random weights by "
+                                                  "tune_lfm benchmarks/offline_model.py; timings only.\n")
+    return directory
+
+
+def write_random_model(hub_id: str, cache_dir: Path, dtype_name: str = "bfloat16") -> Path:
+    """The snapshot directory that now holds config, random weights and tokenizer for `hub_id`."""
+    from huggingface_hub import constants
+
+    if cache_dir.resolve() == Path(constants.default_cache_path).resolve():
+        raise SystemExit(f"--cache-dir {cache_dir} is the default Hugging Face cache; use a scratch directory")
+    commit = hashlib.sha1(f"tune_lfm random weights {hub_id}".encode()).hexdigest()
+    repo = cache_dir / f"models--{hub_id.replace('/', '--')}"
+    snapshot = save_random_model(hub_id, repo / "snapshots" / commit, dtype_name)
     (repo / "refs").mkdir(exist_ok=True)
     (repo / "refs" / "main").write_text(commit)
     return snapshot

@@ -101,7 +101,7 @@ def _hub_revision(ref) -> str:
     from ..models import not_found_error
 
     try:
-        return Path(hf_hub_download(ref.source, "config.json")).parent.name
+        return Path(hf_hub_download(ref.source, "config.json", revision=ref.revision)).parent.name
     except Exception as err:  # offline and not cached, unknown repo, network: all end in the same advice
         raise not_found_error(ref, err) from err
 

@@ -1,5 +1,8 @@
 """Where a model comes from: a hub id, a local directory, or `tiny-lfm2`, the model embedded in this package.
 
+A hub id may pin a revision after `@` (`LiquidAI/LFM2.5-230M@<commit>`, a branch or a tag): every file then comes
+from that revision, so a sweep reruns on the same weights even after the repository moves on.
+
 LFM2.5-230M's config ships with the package so its architecture (and so every adapter size) is known offline; its
 weights still come from the hub or the local Hugging Face cache.
 """
@@ -31,6 +34,7 @@ class ModelRef:
     name: str
     source: str
     kind: str  # "embedded" | "local" | "hub"
+    revision: str | None = None  # hub revision pinned with `@` (None: the default branch)
 
     @property
     def embedded(self) -> bool:
@@ -45,11 +49,13 @@ def resolve_model(name: str) -> ModelRef:
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(f"--model {name}: the directory exists but has no config.json")
         return ModelRef(name, str(path.resolve()), "local")
-    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+    repo_id, at, revision = name.partition("@")
+    if name.startswith((".", "/", "~")) or repo_id.count("/") != 1 or (at and not revision):
         raise ModelNotFoundError(
-            f"--model {name}: not a directory, not a hub id of the form owner/name, and not '{EMBEDDED_MODEL}'"
+            f"--model {name}: not a directory, not a hub id of the form owner/name[@revision], and not "
+            f"'{EMBEDDED_MODEL}'"
         )
-    return ModelRef(name, name, "hub")
+    return ModelRef(name, repo_id, "hub", revision or None)
 
 
 def not_found_error(ref: ModelRef, err: Exception) -> ModelNotFoundError:
@@ -61,7 +67,7 @@ def not_found_error(ref: ModelRef, err: Exception) -> ModelNotFoundError:
     return ModelNotFoundError(
         f"Could not load model '{ref.name}'. Looked in: the Hugging Face hub (HF_HUB_OFFLINE={offline}) and the "
         f"local cache {cache}; it is not a local directory nor the embedded '{EMBEDDED_MODEL}'. "
-        f"Fix: run once with internet access (or `hf download {ref.name}`), pass --model /path/to/a/model/dir, "
+        f"Fix: run once with internet access (or `hf download {ref.source}`), pass --model /path/to/a/model/dir, "
         f"or use --model {EMBEDDED_MODEL} / --scale tiny to run offline. ({type(err).__name__}: {err})"
     )
 
@@ -74,14 +80,14 @@ def load_model_config(ref: ModelRef):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(ref.source, local_files_only=True)
+        return AutoConfig.from_pretrained(ref.source, revision=ref.revision, local_files_only=True)
     except OSError:
         pass
-    shipped = SHIPPED_CONFIGS.get(ref.name)
+    shipped = SHIPPED_CONFIGS.get(ref.source)
     if shipped is not None:
         return AutoConfig.from_pretrained(str(shipped))
     try:
-        return AutoConfig.from_pretrained(ref.source)
+        return AutoConfig.from_pretrained(ref.source, revision=ref.revision)
     except OSError as err:
         raise not_found_error(ref, err) from err
 
@@ -100,7 +106,7 @@ def load_tokenizer(ref: ModelRef):
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(ref.source)
+        tokenizer = AutoTokenizer.from_pretrained(ref.source, revision=ref.revision)
     except OSError as err:
         raise not_found_error(ref, err) from err
     if tokenizer.pad_token_id is None:
@@ -117,7 +123,7 @@ def load_model(ref: ModelRef, dtype, device):
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(ref.source, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(ref.source, revision=ref.revision, dtype=dtype)
     except OSError as err:
         raise not_found_error(ref, err) from err
     return model.to(device)
