@@ -84,7 +84,7 @@ def test_cache_is_reused_and_keyed_by_settings_and_weights(atlas, adapted, token
                                                            tmp_path):
     calls = []
 
-    def counting(model, tokenizer, name, weights, k, quota, max_length, batch_size):
+    def counting(model, tokenizer, name, weights, k, quota, max_length, batch_size, log=None):
         calls.append(k)
         return dataclasses.replace(atlas, k=k, quota=quota, hubs=select_hubs(atlas.combined, atlas.layer_types, k,
                                                                             quota))

@@ -122,8 +122,9 @@ def resolve_hub_layers(model_name: str, explicit: list[int] | None) -> list[int]
     from the weights on first use, see `tune_lfm.atlas`)."""
     if explicit is not None:
         return list(explicit)
-    if model_name in KNOWN_HUB_LAYERS:
-        return list(KNOWN_HUB_LAYERS[model_name])
+    repo_id = model_name.partition("@")[0]  # a pinned revision of a known model keeps its published hubs
+    if repo_id in KNOWN_HUB_LAYERS:
+        return list(KNOWN_HUB_LAYERS[repo_id])
     from .atlas import ensure_atlas
 
     return list(ensure_atlas(model_name).hubs)

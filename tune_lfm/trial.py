@@ -135,7 +135,7 @@ def hub_preservation(model, tokenizer, config: TrialConfig, log: Callable[[str],
     from .atlas import ensure_atlas, preservation
 
     atlas = ensure_atlas(config.model, model=model, tokenizer=tokenizer, log=log)
-    return preservation(model, atlas, tokenizer)
+    return preservation(model, atlas, tokenizer, log=log)
 
 
 def _step_recorder(reporter: Reporter | None):
@@ -272,9 +272,9 @@ def run_trial(config: TrialConfig, reporter: Reporter | None = None, save_adapte
     device = select_device()
     bf16 = use_bf16(config, device)
     ref = resolve_model(config.model)
-    if ref.embedded or config.uses_embedded_data:
-        log(f"[tune_lfm] running on EMBEDDED {'model ' + ref.name if ref.embedded else 'model weights from ' + ref.name}"
-            f"{' and embedded data' if config.uses_embedded_data else ''} — for tests and CPU runs, not real results")
+    embedded = [f"model {ref.name}"] * ref.embedded + [f"data (rows of {config.dataset})"] * config.uses_embedded_data
+    if embedded:
+        log(f"[tune_lfm] running on the EMBEDDED {' and '.join(embedded)} — for tests and CPU runs, not real results")
     metrics.reset_peak_memory(device)
 
     tokenizer = load_tokenizer(ref)

@@ -10,6 +10,7 @@ hub_noise_corr, the atlas's own agreement between two halves of the probe, to te
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 from .ranking import combine, jaccard, select_hubs, spearman
 from .scores import METHODS, measure, probe_examples, tokens_digest
@@ -23,8 +24,9 @@ PRESERVATION_KEYS = ("hub_rank_corr", "hub_topk_jaccard", "hub_preserved",
 """The keys `compare` returns, i.e. the columns preservation adds to a trial's result."""
 
 
-def tuned_scores(model, atlas: Atlas, tokenizer) -> dict[str, list[float]]:
-    """Per-method scores of `model` as it is (adapter enabled), measured exactly as the atlas measured the base."""
+def tuned_scores(model, atlas: Atlas, tokenizer, log: Callable[[str], None] | None = None) -> dict[str, list[float]]:
+    """Per-method scores of `model` as it is (adapter enabled), measured exactly as the atlas measured the base
+    (the same cost as computing the atlas; progress lines go to `log`)."""
     device = model_device(model)
     if (model_dtype(model), device.type) != (atlas.dtype, atlas.device):
         raise ValueError(f"the atlas of {atlas.model} was computed in {atlas.dtype} on {atlas.device}, the model runs "
@@ -34,7 +36,8 @@ def tuned_scores(model, atlas: Atlas, tokenizer) -> dict[str, list[float]]:
     if tokens_digest(examples) != atlas.probe_tokens:
         raise ValueError(f"the probe tokenizes differently from when the atlas of {atlas.model} was computed "
                          "(tokenizer or probe changed); recompute the atlas")
-    return measure(model, examples, atlas.batch_size, tokenizer.pad_token_id, device).scores()
+    progress = (lambda line: log(f"[tune_lfm] hub check of {atlas.model} with the adapter: {line}")) if log else None
+    return measure(model, examples, atlas.batch_size, tokenizer.pad_token_id, device, progress).scores()
 
 
 def compare(atlas: Atlas, tuned: dict[str, list[float]], min_rank_corr: float = MIN_RANK_CORR,
@@ -57,6 +60,6 @@ def compare(atlas: Atlas, tuned: dict[str, list[float]], min_rank_corr: float = 
 
 
 def preservation(model, atlas: Atlas, tokenizer, min_rank_corr: float = MIN_RANK_CORR,
-                 min_topk_jaccard: float = MIN_TOPK_JACCARD) -> dict:
+                 min_topk_jaccard: float = MIN_TOPK_JACCARD, log: Callable[[str], None] | None = None) -> dict:
     """Recompute the per-layer scores with the adapter enabled and compare them with the atlas (see module doc)."""
-    return compare(atlas, tuned_scores(model, atlas, tokenizer), min_rank_corr, min_topk_jaccard)
+    return compare(atlas, tuned_scores(model, atlas, tokenizer, log), min_rank_corr, min_topk_jaccard)

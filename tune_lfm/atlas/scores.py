@@ -15,7 +15,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -139,19 +141,33 @@ def _row_nll(model, batch: dict, device, rows: torch.Tensor) -> torch.Tensor:
     return total
 
 
+def _padded_work(examples: list[dict], order: list[int], batch_size: int) -> list[int]:
+    """Padded tokens of each batch: what a batch costs, for the progress estimate."""
+    lengths = [len(examples[i]["input_ids"]) for i in order]
+    return [len(lengths[s:s + batch_size]) * max(lengths[s:s + batch_size]) for s in range(0, len(lengths), batch_size)]
+
+
 @torch.no_grad()
-def measure(model, examples: list[dict], batch_size: int, pad_token_id: int, device) -> ProbeSums:
+def measure(model, examples: list[dict], batch_size: int, pad_token_id: int, device,
+            progress: Callable[[str], None] | None = None) -> ProbeSums:
     """Run the probe once as is (recording every layer's input/output cosine and output) and once per skipped layer.
 
     A pass that skips layer l replays the recorded outputs of layers 0..l-1 and computes only the layers after l,
     which halves the work of the ablation passes and gives the same numbers. Conversations are batched shortest
-    first, which cuts padding by about a quarter; sums stay in probe order.
+    first, which cuts padding by about a quarter; sums stay in probe order. `progress` receives a line before the
+    first batch (the work ahead) and after each (done, elapsed, time left extrapolated by padded tokens).
     """
     layers = decoder_layers(model)
     sums = ProbeSums.zeros(len(examples), len(layers))
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+    work = _padded_work(examples, order, batch_size)
+    if progress:
+        progress(f"{len(examples)} probe conversations in {len(work)} batches ({sum(work):,} padded tokens), "
+                 f"{len(layers) + 1} passes each (the {len(layers)} skip passes replay earlier layers: about "
+                 f"{1 + (len(layers) + 1) / 2:.0f} full forwards of work)")
+    started, done = time.perf_counter(), 0
     batched = metrics.batches([examples[i] for i in order], batch_size, pad_token_id)
-    for start, batch in zip(range(0, len(order), batch_size), batched):
+    for batch_index, (start, batch) in enumerate(zip(range(0, len(order), batch_size), batched)):
         probe_rows = torch.tensor(order[start : start + batch_size])
         keep = batch["labels"][:, 1:] != IGNORE_INDEX
         rows = keep.nonzero(as_tuple=True)[0]
@@ -167,4 +183,9 @@ def measure(model, examples: list[dict], batch_size: int, pad_token_id: int, dev
             with _replayed(layers, outputs, index):
                 sums.skipped_nll[probe_rows, index] = _row_nll(model, batch, device, rows)
         sums.tokens[probe_rows] = keep.sum(1).double()
+        done += work[batch_index]
+        if progress:
+            elapsed = time.perf_counter() - started
+            progress(f"{min(start + batch_size, len(order))}/{len(order)} probe conversations, {elapsed:.0f} s, "
+                     f"~{elapsed / done * (sum(work) - done):.0f} s left")
     return sums

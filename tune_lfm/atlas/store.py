@@ -153,15 +153,16 @@ def model_device(model):
 
 
 def compute_atlas(model, tokenizer, model_name: str, weights: str, k: int, quota: dict[str, int], max_length: int,
-                  batch_size: int) -> Atlas:
-    """Score every layer of `model` (with any adapter disabled) and select its hubs."""
+                  batch_size: int, log: Callable[[str], None] | None = None) -> Atlas:
+    """Score every layer of `model` (with any adapter disabled) and select its hubs; progress lines go to `log`."""
     from ..data.probe import PROBE_VERSION, probe_fingerprint
 
     started = time.perf_counter()
     layer_types = layer_types_of(model.config)
     examples = probe_examples(tokenizer, max_length)
     with adapter_disabled(model):
-        sums = measure(model, examples, batch_size, tokenizer.pad_token_id, model_device(model))
+        progress = (lambda line: log(f"[tune_lfm] atlas of {model_name}: {line}")) if log else None
+        sums = measure(model, examples, batch_size, tokenizer.pad_token_id, model_device(model), progress)
     scores = sums.scores()
     combined = combine(scores)
     return Atlas(model=model_name, weights=weights, probe_version=PROBE_VERSION, probe_fingerprint=probe_fingerprint(),
@@ -222,7 +223,7 @@ def ensure_atlas(model_name: str, *, k: int = DEFAULT_K, quota: dict[str, int] |
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(ref)
     if model is None:
         model = load_model(ref, dtype, torch_device).eval()
-    atlas = compute_atlas(model, tokenizer, ref.name, weights, k, quota, max_length, batch_size)
+    atlas = compute_atlas(model, tokenizer, ref.name, weights, k, quota, max_length, batch_size, log=log)
     _write_atomically(path, json.dumps(atlas.to_dict(), indent=1))
     log(f"[tune_lfm] atlas of {ref.name}: hubs {atlas.hubs} in {atlas.compute_s:.1f} s")
     return atlas
