@@ -1,6 +1,6 @@
 """`--scale full` against a Hugging Face Hub on 127.0.0.1 (olah serving git repositories built by
 scripts/local_hub.py): the datasets sweep streams every study dataset with `datasets` and loads the model with
-`from_pretrained` by id, and a second run asks the server for nothing it already has."""
+`from_pretrained` by id, and a second run asks the server for no file it already has."""
 
 import json
 import os
@@ -73,5 +73,7 @@ def test_full_scale_sweep_streams_every_dataset_from_the_hub_and_a_rerun_asks_fo
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert json.loads(rerun.stdout)["data_source_used"] == "hub:openai/gsm8k"
     again = requests_in(hub["log"])[len(first):]
-    downloads = [(method, path) for method, path, _ in again if "/resolve/" in path or path.startswith("/api/datasets")]
-    assert not downloads, f"the second run asked again for {downloads[:10]}"
+    assert again, "the second run should still probe what the repository lacks (olah's 404 cannot be remembered)"
+    fetched = [path for _, path, status in again if "/resolve/" in path and status != 404]
+    assert not fetched, f"the second run asked again for files it has: {fetched[:10]}"
+    assert not [path for _, path, _ in again if "/datasets/" in path], "the second run streamed a dataset again"

@@ -298,6 +298,9 @@ def run_trial(config: TrialConfig, reporter: Reporter | None = None, save_adapte
     prepare_for_eval(optimizer)
     model.eval()
     eval_start = time.perf_counter()
+    log(f"[tune_lfm] trained {trainer.state.global_step} steps in {recorder.finished - recorder.started:.0f} s; "
+        f"measuring held-out loss on {len(data.eval)} conversations (adapter on and off), KL on the "
+        f"{len(data.probe)} probe conversations, then the hub check")
 
     pad = tokenizer.pad_token_id
     eval_loss = metrics.mean_token_loss(model, data.eval, config.kl_batch_size, pad, device, adapter=True)
