@@ -22,7 +22,7 @@ import yaml
 from .config import ConfigError
 from .faults import fire, injected_fault
 from .results import ExperimentRecord, StorageError, check_writable
-from .spaces import PlannedTrial, Sweep, config_id, load_sweep, plan_trials, scaled_config
+from .spaces import PlannedTrial, Sweep, config_id, load_sweep, plan_trials, scale_metadata, scaled_config
 from .targets import needs_hub_layers, parse_spec, resolve_hub_layers, targets_for_model
 
 DEFAULT_STORAGE = "tune_lfm_results"
@@ -484,7 +484,7 @@ def run_search(args: argparse.Namespace) -> int:
     max_concurrent = args.max_concurrent or sweep.resources.get("max_concurrent")
     log(f"experiment: {experiment_dir}; per trial {cpus} CPU, {gpus:g} GPU; max concurrent "
         f"{max_concurrent or 'as resources allow'}")
-    meta = {"scale": scale, "gpus_per_trial": gpus}
+    meta = {**scale_metadata(scale), "gpus_per_trial": gpus}
     scheduler = None
     if sweep.scheduler:
         from ray.tune.schedulers import ASHAScheduler

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from .config import FIELD_NAMES, ConfigError, TrialConfig, config_from_dict, load_config_file
+from .spaces import scale_metadata, scaled_config
 from .targets import ResolvedTargets, parse_targets_arg
 
 if TYPE_CHECKING:
@@ -300,9 +301,8 @@ def run_trial(config: TrialConfig, reporter: Reporter | None = None, save_adapte
     eval_start = time.perf_counter()
 
     pad = tokenizer.pad_token_id
-    eval_loss = metrics.mean_token_loss(model, data.eval, config.kl_batch_size, pad, device, adapter=True)
-    base_loss = metrics.mean_token_loss(model, data.eval, config.kl_batch_size, pad, device, adapter=False)
-    kl = metrics.kl_summary(metrics.per_token_kl(model, data.probe, config.kl_batch_size, pad, device))
+    heldout = metrics.heldout_measures(model, data.eval, config.kl_batch_size, pad, device)
+    probe = metrics.probe_measures(model, data.probe, config.kl_batch_size, pad, device)
     hub = hub_preservation(model, tokenizer, config, log)
     eval_s = time.perf_counter() - eval_start
     if save_adapter:
@@ -315,7 +315,7 @@ def run_trial(config: TrialConfig, reporter: Reporter | None = None, save_adapte
         "lora_alpha": config.resolved_lora_alpha, "lora_targets": config.targets_label(),
         "status": "diverged" if recorder.diverged_at is not None else "completed",
         "error": f"non-finite loss at step {recorder.diverged_at}" if recorder.diverged_at is not None else None,
-        "train_loss": _train_loss(recorder.history), "eval_loss": eval_loss, "base_loss": base_loss, **kl, **hub,
+        "train_loss": _train_loss(recorder.history), **heldout, **probe, **hub,
         "trainable_params": trainable, "total_params": total, "target_modules": len(targets.module_names),
         "target_layers": list(targets.layers), "steps_completed": int(trainer.state.global_step),
         "tokens_trained": tokens, "train_s": train_s, "tokens_per_s": tokens / train_s if train_s > 0 else math.nan,
@@ -357,6 +357,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grad-accum", type=int)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--data-source", choices=["auto", "embedded", "hub"])
+    parser.add_argument("--scale", choices=["tiny", "full"], default="full",
+                        help="full: the settings as given; tiny: shrink them exactly as a tiny-scale sweep does "
+                             "(embedded model and data, see README 'Tiny scale'). A preset written by the analysis "
+                             "already holds the settings as run: give it without --scale")
     parser.add_argument("--save-adapter", metavar="DIR")
     parser.add_argument("--history", action="store_true", help="include the per-step history in the JSON")
     args = parser.parse_args(argv)
@@ -366,9 +370,12 @@ def main(argv: list[str] | None = None) -> int:
         overrides = _cli_overrides(args)
         if "lora_targets" in overrides:
             overrides["lora_targets"] = parse_targets_arg(overrides["lora_targets"])
-        config = config_from_dict({**base, **overrides}, where=args.config or "command line")
+        config = scaled_config(config_from_dict({**base, **overrides}, where=args.config or "command line"),
+                               args.scale)
         result = run_trial(config, save_adapter=args.save_adapter, progress=sys.stderr.isatty(),
                            log=lambda line: print(line, file=sys.stderr))
+        if args.scale == "tiny":
+            result.update(scale_metadata(args.scale))
     except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
