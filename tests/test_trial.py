@@ -62,7 +62,7 @@ def test_cli_end_to_end_prints_every_metric(tmp_path):
     assert result["trainable_params"] == 26_624 and result["data_source_used"] == "embedded"
     assert all(math.isfinite(result[key]) for key in ("train_loss", "eval_loss", "base_loss", "kl"))
     assert (adapter / "adapter_config.json").is_file()
-    assert "EMBEDDED" in out.stderr
+    assert "EMBEDDED" in out.stderr and "step 3/3  loss" in out.stderr
 
 
 def test_cli_rejects_unknown_dataset_with_the_known_names():
@@ -78,9 +78,23 @@ def test_execution_settings_reach_the_trainer(tmp_path):
     from tune_lfm.trial import _sft_config
 
     config = TrialConfig(**{**QUICK, "grad_accum": 4}, dataset="alpaca", torch_compile=True)
-    args = _sft_config(config, MicroBatchPlan(8, 2, True, None), True, str(tmp_path), False, False)
+    args = _sft_config(config, MicroBatchPlan(8, 2, True, None), True, str(tmp_path), False)
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (8, 2)
     assert args.padding_free and args.torch_compile and args.gradient_checkpointing
     unpacked = _sft_config(config.replace(torch_compile=False), MicroBatchPlan(4, 4, False, None), False,
-                           str(tmp_path), False, False)
+                           str(tmp_path), False)
     assert not unpacked.padding_free and unpacked.max_length == config.max_length and not unpacked.torch_compile
+
+
+def test_progress_line_is_written_about_ten_times_into_a_log():
+    import io
+
+    from tune_lfm.progress import StepProgress
+
+    stream = io.StringIO()
+    progress = StepProgress(95, stream)
+    for step in range(1, 96):
+        progress({"step": step, "loss": 1.0, "tokens_per_s": 100.0, "elapsed_s": step * 2.0})
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 11 and lines[-1].startswith("step 95/95")  # every 9th step, and the last
+    assert "ETA 0s" in lines[-1] and "ETA 2m52s" in lines[0]  # 9 steps done in 18 s, 86 to go

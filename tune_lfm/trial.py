@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from .config import FIELD_NAMES, ConfigError, TrialConfig, config_from_dict, load_config_file
+from .progress import StepProgress
 from .spaces import scale_metadata, scaled_config
 from .targets import ResolvedTargets, parse_targets_arg
 
@@ -174,8 +175,7 @@ def _step_recorder(reporter: Reporter | None):
     return StepRecorder()
 
 
-def _sft_config(config: TrialConfig, plan: MicroBatchPlan, packing: bool, output_dir: str, bf16: bool,
-                progress: bool):
+def _sft_config(config: TrialConfig, plan: MicroBatchPlan, packing: bool, output_dir: str, bf16: bool):
     from trl import SFTConfig
 
     from .optim import uses_own_schedule
@@ -190,7 +190,7 @@ def _sft_config(config: TrialConfig, plan: MicroBatchPlan, packing: bool, output
         gradient_checkpointing=plan.gradient_checkpointing, torch_compile=config.torch_compile, bf16=bf16, fp16=False,
         seed=config.seed, data_seed=config.seed, logging_steps=config.logging_steps, logging_nan_inf_filter=False,
         include_num_input_tokens_seen="non_padding", save_strategy="no", eval_strategy="no", report_to="none",
-        disable_tqdm=not progress, dataloader_num_workers=0, use_cpu=not _cuda_available(),
+        disable_tqdm=True, dataloader_num_workers=0, use_cpu=not _cuda_available(),
     )
 
 
@@ -253,7 +253,7 @@ def measure_trial_memory(config: TrialConfig, log: Callable[[str], None] = print
 
 
 def run_trial(config: TrialConfig, reporter: Reporter | None = None, save_adapter: str | None = None,
-              progress: bool = False, log: Callable[[str], None] = print,
+              log: Callable[[str], None] = print,
               gpu_share: float | None = None) -> dict[str, Any]:
     """Train one adapter and measure it. Raises on bad input; a NaN/inf loss returns status `diverged`.
 
@@ -291,7 +291,7 @@ def run_trial(config: TrialConfig, reporter: Reporter | None = None, save_adapte
     recorder = _step_recorder(reporter)
     optimizer = build_optimizer(config.optimizer, model.parameters(), config.learning_rate, config.weight_decay)
     with tempfile.TemporaryDirectory(prefix="tune_lfm_trial_") as output_dir:
-        trainer = SFTTrainer(model=model, args=_sft_config(config, plan, packing, output_dir, bf16, progress),
+        trainer = SFTTrainer(model=model, args=_sft_config(config, plan, packing, output_dir, bf16),
                              train_dataset=Dataset.from_list(data.train), processing_class=tokenizer,
                              optimizers=(optimizer, None), callbacks=[recorder])
         trainer.remove_callback(PrinterCallback)  # it prints log dicts to stdout, where our JSON goes
@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides["lora_targets"] = parse_targets_arg(overrides["lora_targets"])
         config = scaled_config(config_from_dict({**base, **overrides}, where=args.config or "command line"),
                                args.scale)
-        result = run_trial(config, save_adapter=args.save_adapter, progress=sys.stderr.isatty(),
+        result = run_trial(config, reporter=StepProgress(config.max_steps), save_adapter=args.save_adapter,
                            log=lambda line: print(line, file=sys.stderr))
         if args.scale == "tiny":
             result.update(scale_metadata(args.scale))
