@@ -31,7 +31,7 @@ def test_datasets_sweep_end_to_end_writes_both_dataframes(tmp_path):
     assert (trials["scale"] == "tiny").all() and (trials["sweep"] == "datasets").all()
     history = pd.read_parquet(tmp_path / "exp" / "history.parquet")
     assert set(history["trial_id"]) == set(trials["trial_id"])
-    assert (history.groupby("trial_id")["step"].max() == 20).all()
+    assert (history.groupby("trial_id")["step"].max() == 60).all()
 
     import duckdb
     import polars as pl
@@ -44,7 +44,7 @@ def test_datasets_sweep_end_to_end_writes_both_dataframes(tmp_path):
 def test_failures_and_divergence_are_recorded_while_the_sweep_completes(tmp_path):
     space = tmp_path / "faults.yaml"
     space.write_text(f"""
-fixed: {{max_steps: 60, num_examples: 640}}
+fixed: {{max_steps: 20, num_examples: 640}}
 user_datasets:
   missing-file: {{path: {tmp_path}/nowhere.jsonl, format: alpaca}}
 sweep:
@@ -67,7 +67,7 @@ max_failures: 0
 def test_optuna_two_objective_search_stores_its_study(tmp_path):
     space = tmp_path / "mo.yaml"
     space.write_text("""
-fixed: {dataset: alpaca, max_steps: 60, num_examples: 640}
+fixed: {dataset: alpaca, max_steps: 20, num_examples: 640}
 sweep:
   learning_rate: {loguniform: [1.0e-4, 3.0e-3]}
   lora_targets: {choice: [hub_oproj, all_linear]}
@@ -87,7 +87,7 @@ search: {algorithm: optuna, sampler: nsga2, num_samples: 3, seed: 1, objectives:
 
 def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path):
     space = tmp_path / "seeds.yaml"
-    space.write_text("fixed: {dataset: alpaca, max_steps: 90, num_examples: 640}\n"
+    space.write_text("fixed: {dataset: alpaca, max_steps: 30, num_examples: 640}\n"
                      "sweep: {seed: {grid: [1, 2, 3, 4]}}\nresources: {max_concurrent: 1}\n")
     trials_file = tmp_path / "seeds" / "trials.parquet"
     driver = subprocess.Popen([sys.executable, "-m", "tune_lfm.search", str(space), "--storage", str(tmp_path),
@@ -111,7 +111,7 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path):
 
 def test_injected_oom_is_recorded_then_recovers_on_retry(tmp_path):
     space = tmp_path / "oom.yaml"
-    space.write_text("fixed: {dataset: alpaca, max_steps: 60, num_examples: 640}\nsweep: {seed: {grid: [1, 2]}}\n"
+    space.write_text("fixed: {dataset: alpaca, max_steps: 20, num_examples: 640}\nsweep: {seed: {grid: [1, 2]}}\n"
                      "max_failures: 1\n")
     plan = subprocess.run([sys.executable, "-m", "tune_lfm.search", str(space), "--dry-run", "--json", "--scale",
                            "tiny"], capture_output=True, text=True, check=True, env=ENV)
