@@ -9,6 +9,8 @@ import time
 import pandas as pd
 import pytest
 
+from tune_lfm.spaces import TINY_SCALE
+
 pytestmark = pytest.mark.slow
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "RAY_DEDUP_LOGS": "0"}
 
@@ -29,6 +31,11 @@ def test_datasets_sweep_end_to_end_writes_both_dataframes(tmp_path):
     for column in ("train_loss", "eval_loss", "base_loss", "kl", "tokens_per_s", "wall_s", "trainable_params"):
         assert trials[column].notna().all(), column
     assert (trials["scale"] == "tiny").all() and (trials["sweep"] == "datasets").all()
+    assert (trials["lr_multiplier"] == TINY_SCALE.lr_multiplier).all() and trials["scale_rule"].str.contains("x15").all()
+    # the miniature learns: every dataset's held-out gain is well above its noise, and the model really moved
+    learned = trials.set_index("dataset")
+    assert (learned["improvement"] > 3 * learned["improvement_se"]).all(), learned[["improvement", "improvement_se"]]
+    assert (learned["kl"] > 1e-3).all(), learned["kl"]
     history = pd.read_parquet(tmp_path / "exp" / "history.parquet")
     assert set(history["trial_id"]) == set(trials["trial_id"])
     assert (history.groupby("trial_id")["step"].max() == 60).all()
