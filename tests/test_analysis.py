@@ -162,6 +162,12 @@ def test_cli_on_reference_writes_everything_without_torch_or_ray(tmp_path):
     report = (out / "report.md").read_text()
     assert "35 of 35 completed trials match a published configuration" in report
     assert "worst train_loss among completed trials" in report  # the efficiency basis is stated
+    critique = report[report.index("## Reading the published study critically"):]
+    assert "Datasets are ranked by raw training loss" in critique and "several times more" in critique
+    assert "optimizer: adafactor 1.267 against adamw 1.272" in critique and "cannot be called a win" in critique
+    assert ("Published best_efficiency (smol-magpie-ultra adafactor lr=2e-4 r=8 hub_oproj steps=300) combines "
+            "settings that were never run together in this table; its expected loss 6.3, kl 0.039 are the numbers "
+            "of sweep targets: alpaca adamw") in critique
     pareto = pd.read_parquet(out / "pareto.parquet")
     assert {"front", "scope", "scope_name", "trial_id", "train_loss", "kl"} <= set(pareto.columns)
 

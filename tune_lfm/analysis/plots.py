@@ -142,7 +142,7 @@ def plot_spreads(spreads: pd.DataFrame, path: Path) -> Path | None:
     if spreads.empty:
         return None
     ordered = spreads.iloc[::-1]
-    figure = Figure(figsize=(8, 0.5 * len(ordered) + 1.5), layout="constrained")
+    figure = Figure(figsize=(9, 0.5 * len(ordered) + 1.5), layout="constrained")
     axis = figure.subplots()
     names = [DIMENSION_NAMES[d] for d in ordered["dimension"]]
     colours = ["0.75" if v == TIED else "tab:blue" for v in ordered["verdict"]]
@@ -150,9 +150,9 @@ def plot_spreads(spreads: pd.DataFrame, path: Path) -> Path | None:
     axis.barh(names, ordered["difference"], color=colours, xerr=errors, capsize=3)
     for i, row in enumerate(ordered.itertuples()):
         axis.annotate(f"  {row.best_value} {row.best_score:.3g} vs {row.worst_value} {row.worst_score:.3g} "
-                      f"({row.basis}; {row.verdict})", (row.difference, i), va="center", fontsize=7)
-    axis.set_xlim(0, max(ordered["difference"].max(), 1e-9) * 2.6)
-    axis.set_xlabel("best-to-worst difference on the setting's basis (nats)")
+                      f"({row.verdict})", (row.difference, i), va="center", fontsize=7)
+    axis.set_xlim(0, max(ordered["difference"].max(), 1e-9) * 2.2)
+    axis.set_xlabel("best-to-worst difference (nats) on: " + "; ".join(ordered["basis"].unique()), fontsize=8)
     axis.set_title("What mattered most: spread per setting (pale: within noise)", fontsize=10)
     path.parent.mkdir(parents=True, exist_ok=True)
     _save(figure, path)

@@ -89,6 +89,11 @@ def _spreads(analysis: Analysis, out: Path) -> list[Block]:
     return blocks + _image(analysis, "plot spreads", out, "loss spread per setting")
 
 
+def _listed(trial_ids: list[str], most: int = 4) -> str:
+    more = len(trial_ids) - most
+    return ", ".join(trial_ids[:most]) + (f" and {more} more" if more > 0 else "")
+
+
 def _preset_status(preset) -> str:
     if preset.name != COMBINED:
         return ""
@@ -105,7 +110,7 @@ def _presets(analysis: Analysis) -> list[Block]:
                      **{c: trial.get(c) for c in ("improvement", "improvement_se", "probe_improvement",
                                                   "probe_improvement_se", "train_loss", "kl", "kl_se",
                                                   "trainable_params")},
-                     "tied_with": ", ".join(preset.tied[1:])})
+                     "tied_with": _listed(preset.tied[1:])})
     table = pd.DataFrame(rows)
     table = table[[c for c in table.columns if table[c].notna().any() and (table[c] != "").any()]]
     blocks: list[Block] = [Heading("Presets"), Table(table)]
