@@ -173,6 +173,9 @@ def best_efficiency(done: pd.DataFrame, fraction: float, z: float) -> Preset:
     if len(tied) > 1:
         reason += (f"; {len(tied)} qualifying trials have exactly this many params ("
                    + ", ".join(tied["trial_id"]) + f"), {trial['trial_id']} is picked by higher gain, then lower kl")
+        if tied["sweep"].nunique() > 1:
+            reason += (" (a weak tie-break: these gains come from different sweeps, each measured against its own "
+                       "reference, so they do not rank the trials against each other)")
     return _measured("best_efficiency", rule, reason, trial, tied, ranking_basis(done).name)
 
 
