@@ -14,8 +14,6 @@ Three checks, all computed from the table:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 import pandas as pd
 
@@ -27,10 +25,8 @@ from .noise import UNKNOWN
 from .published import PUBLISHED_PRESETS, PublishedPreset
 from .report import Block, Heading, Paragraph, Table
 from .spreads import dimension_spreads
+from .presets import Preset
 from .tables import DIMENSION_NAMES
-
-if TYPE_CHECKING:
-    from .pipeline import Analysis
 
 SMALL_GAP = 0.01
 """Relative gap (of the best value) below which a published "winner" is called out as indistinguishable."""
@@ -95,8 +91,11 @@ def _matches(table: pd.DataFrame, settings: dict) -> pd.Series:
 
 
 def _describe_rows(rows: pd.DataFrame, columns: list[str]) -> str:
-    return "; ".join(f"sweep {r['sweep']}: {setting_label(r, columns)} (train_loss {format_value('train_loss', r['train_loss'])},"
-                     f" kl {format_value('kl', r['kl'])})" for _, r in rows.iterrows())
+    return "; ".join(f"sweep {r['sweep']}: {setting_label(r, columns)} ({_losses(r)})" for _, r in rows.iterrows())
+
+
+def _losses(trial: pd.Series) -> str:
+    return f"train_loss {format_value('train_loss', trial['train_loss'])}, kl {format_value('kl', trial['kl'])}"
 
 
 def _published_row(preset: PublishedPreset, study: pd.DataFrame, own) -> dict:
@@ -119,8 +118,8 @@ def _published_row(preset: PublishedPreset, study: pd.DataFrame, own) -> dict:
             "this_analysis": own}
 
 
-def _preset_blocks(analysis: Analysis, study: pd.DataFrame) -> list[Block]:
-    own = {p.name: p for p in analysis.presets}
+def _preset_blocks(presets: list[Preset], study: pd.DataFrame) -> list[Block]:
+    own = {p.name: p for p in presets}
     rows = []
     for preset in (p for p in PUBLISHED_PRESETS if set(p.settings) <= set(study.columns)):
         mine = own.get(preset.name)
@@ -128,8 +127,7 @@ def _preset_blocks(analysis: Analysis, study: pd.DataFrame) -> list[Block]:
         if mine is not None and mine.measured:
             trial = mine.trial
             text = (f"{setting_label(pd.Series(mine.config), list(preset.settings))} (trial {trial['trial_id']}; "
-                    f"train_loss {format_value('train_loss', trial['train_loss'])}, kl {format_value('kl', trial['kl'])}"
-                    + (f"; tied with {len(mine.tied) - 1} other(s)" if mine.tied else "") + ")")
+                    f"{_losses(trial)}" + (f"; tied with {len(mine.tied) - 1} other(s)" if mine.tied else "") + ")")
         rows.append(_published_row(preset, study, text))
     if not rows:
         return []
@@ -138,19 +136,21 @@ def _preset_blocks(analysis: Analysis, study: pd.DataFrame) -> list[Block]:
     for row in table.itertuples():
         if row.settings_run_together.startswith("never") or " - differs" in row.expected_numbers_are_from:
             blocks.append(Paragraph(
-                f"Published {row.preset} ({row.published_settings}) combines settings that were {row.settings_run_together}; "
+                f"Published {row.preset} ({row.published_settings}) combines settings that were "
+                f"{row.settings_run_together}; "
                 f"its expected {row.published_expected} are the numbers of {row.expected_numbers_are_from}. "
                 "They describe that other trial, not the recommended combination, which is unmeasured."))
     return blocks
 
 
-def critique_blocks(analysis: Analysis) -> list[Block]:
-    """The section, for a study table that has only training losses (the reference, else the input itself)."""
-    if analysis.reference is not None:  # read, not analysed by the pipeline: its spreads are computed here
-        study = add_derived(expand_sweeps(analysis.reference))
-        spreads = dimension_spreads(study, analysis.settings.z)
-    elif (analysis.done["improvement_basis"] != HELD_OUT_IMPROVEMENT).all():
-        study, spreads = analysis.done, analysis.spreads
+def critique_blocks(done: pd.DataFrame, spreads: pd.DataFrame, presets: list[Preset],
+                    reference: pd.DataFrame | None, z: float) -> list[Block]:
+    """The section, for a study table that has only training losses (the reference, else the analysed trials)."""
+    if reference is not None:  # read, not analysed by the pipeline: its spreads are computed here
+        study = add_derived(expand_sweeps(reference))
+        spreads = dimension_spreads(study, z)
+    elif (done["improvement_basis"] != HELD_OUT_IMPROVEMENT).all():
+        study = done
     else:
         return []
     if (study["improvement_basis"] == HELD_OUT_IMPROVEMENT).any():
@@ -158,4 +158,4 @@ def critique_blocks(analysis: Analysis) -> list[Block]:
     blocks: list[Block] = [Heading("Reading the published study critically"), Paragraph(
         f"{study['source'].iloc[0]} holds training losses and KL only (no held-out or base losses, no standard "
         "errors). What its conclusions can and cannot carry:")]
-    return blocks + _dataset_blocks(spreads) + _noise_blocks(spreads) + _preset_blocks(analysis, study)
+    return blocks + _dataset_blocks(spreads) + _noise_blocks(spreads) + _preset_blocks(presets, study)

@@ -190,7 +190,9 @@ def _not_counted(analysis: Analysis) -> list[Block]:
 
 def report_blocks(analysis: Analysis, out: Path) -> list[Block]:
     blocks = [*_inputs(analysis), *_definitions(analysis), *_spreads(analysis, out), *_presets(analysis),
-              *_sweeps(analysis), *_fronts(analysis, out), *_comparison(analysis), *critique_blocks(analysis),
+              *_sweeps(analysis), *_fronts(analysis, out), *_comparison(analysis),
+              *critique_blocks(analysis.done, analysis.spreads, analysis.presets, analysis.reference,
+                               analysis.settings.z),
               *_not_counted(analysis)]
     curves = _image(analysis, "plot loss curves", out, "loss curves")
     if curves:
