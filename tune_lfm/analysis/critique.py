@@ -63,8 +63,9 @@ def _noise_blocks(spreads: pd.DataFrame) -> list[Block]:
     if unknown.empty:
         return []
     rows = unknown.assign(relative_gap=unknown["gap_to_next"] / unknown["best_score"].abs())
-    text = ("Noise unknown: every number is one training run without a standard error, so no gap in this table can "
-            "be called a win on the numbers alone. The best value of each setting against the next:")
+    text = ("Noise unknown: each configuration has a single number, with no standard error and no repeated seed, so "
+            "no gap in this table can be called a win on the numbers alone. The best value of each setting against "
+            "the next:")
     rows = rows.assign(dimension=rows["dimension"].map(DIMENSION_NAMES))
     blocks: list[Block] = [Paragraph(text), Table(rows[["dimension", "basis", "best_value", "best_score", "next_value",
                                                         "next_score", "gap_to_next", "relative_gap",
