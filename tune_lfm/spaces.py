@@ -52,10 +52,10 @@ class TinyScale:
     """How a sweep shrinks to CPU size while staying a miniature of itself.
 
     Every trial's steps and rows are divided by the same numbers, so the ratios between the trials of a sweep (the
-    duration sweep's 100 vs 1000 steps) stay as the YAML says. The learning rate is multiplied by one constant: the
-    embedded model is 130x smaller than LFM2.5-230M and takes far fewer steps, and at the study's rates its adapter
-    would barely leave zero (held-out gain ~0.001 nats). Multiplying every trial by the same factor keeps the
-    learning-rate sweep's 1e-4 : 1e-3 ratio. The numbers were chosen by measurement (README, "Tiny scale").
+    duration sweep's 100 vs 1000 steps) stay as the YAML says. The learning rate is multiplied by the factor the steps
+    are divided by: with Adam a step moves each weight by about the learning rate, so steps x rate, how far an adapter
+    can travel from zero, stays what the YAML asks for. One factor for every trial keeps the learning-rate sweep's
+    1e-4 : 1e-3 ratio.
     """
 
     steps_divisor: int = 5
@@ -65,7 +65,10 @@ class TinyScale:
     max_length: int = 256
     grad_accum: int = 1
     eval_examples: int = 20
-    lr_multiplier: float = 15.0
+
+    @property
+    def lr_multiplier(self) -> float:
+        return float(self.steps_divisor)
 
     def describe(self) -> str:
         return (f"embedded model and data; steps/{self.steps_divisor} (min {self.min_steps}), rows/"
