@@ -11,7 +11,7 @@ The model never sees a study dataset's row: like a real base model meeting a new
 something to learn. The training part of the ten datasets' embedded rows trains the tokenizer only (so their text
 tokenizes as compactly as the docstrings); the probe set and the held-out rows are never used.
 
-    python scripts/build_tiny_lfm2.py --out tune_lfm/models/tiny_lfm2 [--steps 800] [--seed 0]
+    python scripts/build_tiny_lfm2.py --out tune_lfm/models/tiny_lfm2 [--steps 500] [--seed 0]
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ EVAL_BLOCKS = 48  # blocks scored at each evaluation, spread evenly over the spl
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="directory to write the model into")
-    parser.add_argument("--steps", type=int, default=800, help="pretraining optimizer steps")
+    parser.add_argument("--steps", type=int, default=500, help="pretraining optimizer steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--hidden-size", type=int, default=128)
@@ -103,8 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8, help="blocks per optimizer step")
     parser.add_argument("--lr", type=float, default=4e-3, help="peak AdamW learning rate")
     parser.add_argument("--warmup-steps", type=int, default=30)
-    parser.add_argument("--eval-every", type=int, default=100)
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--eval-every", type=int, default=25)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: bit-reproducible, and faster than 2 on a busy machine)")
     parser.add_argument(
         "--no-chat-rows",
         action="store_true",
