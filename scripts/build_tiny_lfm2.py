@@ -104,7 +104,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=4e-3, help="peak AdamW learning rate")
     parser.add_argument("--warmup-steps", type=int, default=30)
     parser.add_argument("--eval-every", type=int, default=25)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: bit-reproducible, and faster than 2 on a busy machine)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (1 is faster than 2 on a busy machine)")
     parser.add_argument(
         "--no-chat-rows",
         action="store_true",
