@@ -62,7 +62,7 @@ class TinyScale:
     min_steps: int = 4
     examples_divisor: int = 20
     min_examples: int = 16
-    max_length: int = 256
+    max_length: int = 512
     grad_accum: int = 1
     eval_examples: int = 20
 
