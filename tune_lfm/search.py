@@ -20,7 +20,8 @@ from typing import Any
 import yaml
 
 from .config import ConfigError
-from .faults import fire, injected_fault
+from .determinism import start_trial
+from .faults import fire, fire_after_step, injected_fault
 from .results import ExperimentRecord, StorageError, check_writable
 from .spaces import PlannedTrial, Sweep, config_id, load_sweep, plan_trials, scaled_config
 from .targets import needs_hub_layers, parse_spec, resolve_hub_layers, targets_for_model
@@ -197,15 +198,10 @@ def _scalar(value: Any) -> Any:
     return value
 
 
-def _attempt_number() -> int:
-    """1 on a trial's first run, 2 on its first retry, ... (a marker file per attempt in the trial's directory)."""
-    from ray import tune
-
-    trial_dir = tune.get_context().get_trial_dir()
-    os.makedirs(trial_dir, exist_ok=True)
-    attempt = 1 + sum(name.startswith(".attempt-") for name in os.listdir(trial_dir))
-    open(os.path.join(trial_dir, f".attempt-{attempt}"), "w").close()
-    return attempt
+def attempt_number(params: dict[str, Any]) -> int:
+    """1 on a trial's first run, 2 on its first retry, ...: the driver counts Tune's retries (see `on_trial_recover`)
+    and passes the count in the trial's config, so it survives the death of the worker process that ran the trial."""
+    return int(params.get("attempt", 1))
 
 
 def _hardware() -> dict[str, Any]:
@@ -219,22 +215,24 @@ def _hardware() -> dict[str, Any]:
 def trainable(params: dict[str, Any]) -> None:
     """Ray Tune function trainable: one trial, step metrics while it trains, then the full result."""
     import ray
-    import torch
     from ray import tune
 
     from .config import config_from_dict
     from .trial import run_trial
 
     params = trial_params(params)
-    torch.set_num_threads(max(1, int(params.get("_threads", 1))))
     config = config_from_dict(params["config"], where="trial config")
+    start_trial(config.seed, int(params.get("_threads", 1)))
     started = datetime.now(timezone.utc).isoformat()
+    attempt = attempt_number(params)
     fault = injected_fault(params["trial_id"])
     if fault:
-        config = config.replace(**(fire(fault, _attempt_number()) or {}))
+        config = config.replace(**(fire(fault, attempt) or {}))
 
     def report_step(step: dict[str, Any]) -> None:
         tune.report({"kind": "step", **step})
+        if fault:
+            fire_after_step(fault, attempt)
 
     try:
         result = run_trial(config, reporter=report_step, log=lambda line: print(line, flush=True),
@@ -261,19 +259,26 @@ def results_callback(experiment_dir: str, meta: dict[str, Any], total: int):
         def on_trial_start(self, iteration, trials, trial, **info):
             self.record.drop_history(trial_params(trial.config)["trial_id"])
 
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            """Tune will run the trial again: its next actor gets the next attempt number in its config, and the
+            failed attempt's steps are dropped."""
+            params = trial_params(trial.config)
+            trial.set_config({**trial.config, "trial": {**params, "attempt": attempt_number(params) + 1}})
+            self.record.drop_history(params["trial_id"])
+
         def on_trial_result(self, iteration, trials, trial, result, **info):
             params = trial_params(trial.config)
             if result.get("kind") == "step":
                 self.record.add_step(params["trial_id"], result)
             elif result.get("kind") == "final":
                 fields = {k: v for k, v in result.items() if k in record_columns()}
-                self.record.set_trial({**fields, **meta, **_identity(params), "attempts": trial.num_failures + 1})
+                self.record.set_trial({**fields, **meta, **_identity(params), "attempts": attempt_number(params)})
                 self._summary(trials)
 
         def on_trial_error(self, iteration, trials, trial, **info):
             params = trial_params(trial.config)
             self.record.set_trial({**params["config"], **meta, **_identity(params), "status": "failed",
-                                   "error": _error_message(trial)[:2000], "attempts": trial.num_failures})
+                                   "error": _error_message(trial)[:2000], "attempts": attempt_number(params)})
             self._summary(trials)
 
         def _summary(self, trials) -> None:
