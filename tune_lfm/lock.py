@@ -5,8 +5,9 @@ every `HEARTBEAT_S` seconds. A second driver on the same experiment is refused w
 A lock whose holder is gone is taken over: on the holder's own host when its process no longer exists, anywhere when
 its heartbeat is older than `STALE_AFTER_S`.
 
-- Local directories and `file://` (also NFS): the file is `flock`ed while held, so the kernel frees it the moment
-  the holder dies and a takeover cannot race with another one.
+- Local directories and `file://`: the file is `flock`ed while held, so the kernel frees it the moment the holder
+  dies and a takeover cannot race with another one. On a shared file system the locks must work across machines
+  (NFSv4, or NFSv3 with lockd; EFS does), as they do for any program that flocks there.
 - Object stores (`s3://`, `gs://`, ...) have no exclusive create through pyarrow: a driver writes its lock, waits
   `SETTLE_S` and reads it back; of drivers that start together only the last writer finds its own token and runs.
   Each heartbeat checks the token again. Row writes merge with storage (`tune_lfm.results`), so even then no rows
@@ -74,6 +75,21 @@ def describe_holder(holder: dict[str, Any], now: float | None = None) -> str:
             f"last heartbeat {now - float(holder.get('heartbeat', 0)):.0f} s ago, command: {holder.get('command')}")
 
 
+def in_use_error(directory: str, holder: dict[str, Any], stale_after_s: float = STALE_AFTER_S) -> ExperimentLocked:
+    return ExperimentLocked(
+        f"experiment {directory} is in use by another driver ({describe_holder(holder)}). Wait for it to finish, "
+        f"stop it (pid {holder.get('pid')} on {holder.get('host')}; it then says how to resume), or choose another "
+        f"--name. A lock whose holder is gone (its process ended, or no heartbeat for {stale_after_s:.0f} s) is "
+        f"taken over by the next driver; the lock file is {directory}/{LOCK_NAME}.")
+
+
+def live_holder(directory: str) -> dict[str, Any] | None:
+    """The driver that holds `directory`'s lock now, if any (read only; for a clearer refusal before locking)."""
+    lock = ExperimentLock(directory, "")
+    holder = lock._read()
+    return holder if holder and not holder_is_gone(holder, lock.stale_after_s) else None
+
+
 class ExperimentLock:
     """Held with `with ExperimentLock(dir, command):`; raises ExperimentLocked when another live driver holds it."""
 
@@ -124,11 +140,7 @@ class ExperimentLock:
             self.log(f"warning: could not remove the experiment lock {self.uri}: {err}")
 
     def _refuse(self, holder: dict[str, Any]) -> ExperimentLocked:
-        return ExperimentLocked(
-            f"experiment {self.directory} is in use by another driver ({describe_holder(holder)}). Wait for it to "
-            f"finish, stop it (pid {holder.get('pid')} on {holder.get('host')}; it then says how to resume), or "
-            f"choose another --name. A lock whose holder is gone (its process ended, or no heartbeat for "
-            f"{self.stale_after_s:.0f} s) is taken over by the next driver; the lock file is {self.uri}.")
+        return in_use_error(self.directory, holder, self.stale_after_s)
 
     def _acquire_local(self) -> None:
         while True:
@@ -146,10 +158,7 @@ class ExperimentLock:
             if not same_file:  # the previous holder removed the file between our open and our flock
                 os.close(fd)
                 continue
-            previous = self._read_fd(fd)
-            if previous and not holder_is_gone(previous, self.stale_after_s) and previous["host"] != self.holder["host"]:
-                os.close(fd)  # a driver on another host that shares this directory without working file locks
-                raise self._refuse(previous)
+            previous = self._read_fd(fd)  # a holder that died: the kernel (or the NFS server) freed its lock
             if previous:
                 self.log(f"taking over the experiment lock of a driver that is gone ({describe_holder(previous)})")
             self._fd = fd

@@ -26,7 +26,7 @@ from .config import ConfigError
 from .determinism import start_trial
 from .faults import fire, fire_after_step, injected_fault
 from .interrupts import Interrupts, resume_command
-from .lock import ExperimentLock
+from .lock import ExperimentLock, in_use_error, live_holder
 from .models import ModelNotFoundError
 from .results import ExperimentRecord, StorageError, check_writable, experiment_exists
 from .spaces import PlannedTrial, Sweep, config_id, load_sweep, plan_trials, scaled_config
@@ -451,6 +451,9 @@ def choose_experiment(args: argparse.Namespace, sweep: Sweep, scale: str) -> tup
         raise ConfigError(f"--resume: there is no experiment {experiment_dir} to continue; check --storage and "
                           "--name, or leave out --resume to start it")
     if not args.resume and exists:
+        holder = live_holder(experiment_dir)
+        if holder:
+            raise in_use_error(experiment_dir, holder)
         raise ConfigError(f"--name {name}: experiment {experiment_dir} already exists; continue it with --resume, or "
                           "choose another --name")
     return name, experiment_dir
