@@ -90,3 +90,53 @@ def test_two_writers_of_one_experiment_keep_each_others_rows(tmp_path):
     assert dict(trials["status"]) == {"a": "completed", "b": "completed", "c": "failed"}
     history = pd.read_parquet(tmp_path / "history.parquet")
     assert sorted(history["trial_id"]) == ["a", "b"]
+
+
+@pytest.fixture
+def s3_experiment(monkeypatch):
+    """A real S3 endpoint on 127.0.0.1 (moto's server), found by pyarrow through AWS_ENDPOINT_URL."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket="sweeps")
+    yield "s3://sweeps/tune-lfm/exp"
+    server.stop()
+
+
+def test_on_object_storage_a_second_driver_is_refused_and_a_silent_holder_is_taken_over(s3_experiment):
+    from tune_lfm.results import filesystem
+
+    first = ExperimentLock(s3_experiment, "first", settle_s=0.2, heartbeat_s=60)
+    first.acquire()
+    try:
+        with pytest.raises(ExperimentLocked, match=f"pid {os.getpid()}.*command: first"):
+            ExperimentLock(s3_experiment, "second", settle_s=0.2).acquire()
+    finally:
+        first._stop.set()  # the first driver stops beating without releasing, as if its machine went away
+    lines = []
+    later = ExperimentLock(s3_experiment, "later", settle_s=0.2, stale_after_s=0.5, log=lines.append)
+    first.holder["host"] = "gone-machine"  # so only its heartbeat says whether it lives
+    first._write_remote()
+    time.sleep(0.6)
+    with later:
+        fs, path = filesystem(f"{s3_experiment}/{LOCK_NAME}")
+        with fs.open_input_stream(path) as stream:
+            assert json.loads(stream.read())["command"] == "later"
+    assert any("taking over" in line and "gone-machine" in line for line in lines)
+    assert later._read() is None  # released
+
+
+def test_on_object_storage_two_writers_keep_each_others_rows(s3_experiment):
+    from tune_lfm.results import read_parquet
+
+    first, second = ExperimentRecord(s3_experiment), ExperimentRecord(s3_experiment)
+    first.set_trial({"trial_id": "a", "status": "completed"})
+    second.set_trial({"trial_id": "b", "status": "completed"})
+    assert sorted(read_parquet(f"{s3_experiment}/trials.parquet")["trial_id"]) == ["a", "b"]

@@ -398,13 +398,32 @@ def _optuna_setup(sweep: Sweep, scale: str, overrides: dict[str, Any], threads: 
                         sampler=sampler, storage=storage, study_name=sweep.name, seed=sweep.seed)
 
 
+LOOPBACK = "127.0.0.1"
+
+
 def _connect_ray(address: str | None):
+    """Join the cluster at `address`, or start Ray on this machine reachable from this machine only.
+
+    On Linux, Ray gives a node the machine's network address and its servers (GCS, raylet, workers, agents, the
+    dashboard's metrics exporter) listen on every interface. Ray's single-machine mode, the one it uses on macOS and
+    Windows, gives the node 127.0.0.1 and binds every server there; a local sweep needs nothing more.
+    """
     import ray
 
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(include_dashboard=False, dashboard_host="127.0.0.1", log_to_driver=True)
+        from ray._private import ray_constants
+
+        variable = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+        before = os.environ.get(variable)
+        os.environ[variable] = "0"  # for the processes Ray starts
+        ray_constants.ENABLE_RAY_CLUSTER = False  # read when ray was imported
+        try:
+            ray.init(_node_ip_address=LOOPBACK, include_dashboard=False, dashboard_host=LOOPBACK, log_to_driver=True)
+        finally:  # the processes have started; the rest of this process is unchanged
+            ray_constants.ENABLE_RAY_CLUSTER = True
+            os.environ.pop(variable) if before is None else os.environ.update({variable: before})
     return ray.cluster_resources()
 
 
@@ -463,8 +482,10 @@ def run_search(args: argparse.Namespace) -> int:
     """Check everything, then run the sweep while holding the experiment's lock; returns the exit code."""
     sweep = load_sweep(args.space)
     overrides = parse_overrides(args.set)
-    # A cluster decides the scale (auto: full iff it has GPUs); a local run knows it without starting Ray.
-    resources = _connect_ray(args.address) if args.address else None
+    # A cluster decides the scale (auto: full iff it has GPUs); a local run knows it without starting Ray. A job
+    # submitted with `ray job submit` finds its cluster in RAY_ADDRESS.
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    resources = _connect_ray(address) if address else None
     cluster_gpus = resources.get("GPU", 0) if resources else local_gpu_count()
     scale = resolve_scale(args.scale, cluster_gpus)
     planned = check_sweep(sweep, scale, overrides)  # everything a trial can know before compute
