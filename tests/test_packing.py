@@ -213,3 +213,16 @@ def test_trial_trains_unpacked_when_the_fix_cannot_apply(monkeypatch):
                                    max_length=128, num_examples=8, eval_examples=4), log=lines.append)
     assert result["status"] == "completed" and result["packing"] and not result["packing_used"]
     assert any("training unpacked" in line for line in lines)
+
+
+def test_enabling_packing_leaves_the_trials_random_state_alone():
+    """The once-per-process conv check draws from a forked generator: a trial seeded before it initialises its
+    adapter the same in a fresh Ray worker (where the check runs) as in a reused one (where it does not)."""
+    packing.disable_leak_free_packing()
+    try:
+        torch.manual_seed(1234)
+        state = torch.get_rng_state()
+        packing.enable_leak_free_packing()  # runs the check
+        assert torch.equal(torch.get_rng_state(), state)
+    finally:
+        packing.disable_leak_free_packing()

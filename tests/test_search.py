@@ -9,15 +9,16 @@ import time
 import pandas as pd
 import pytest
 
-from tune_lfm.spaces import TINY_SCALE
+from tune_lfm.search import with_hub_layers
+from tune_lfm.spaces import TINY_SCALE, load_sweep, plan_trials
 
 pytestmark = pytest.mark.slow
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "RAY_DEDUP_LOGS": "0"}
 
 
-def search(*args, timeout=900, **kwargs):
+def search(*args, timeout=900, env=ENV, **kwargs):
     return subprocess.run([sys.executable, "-m", "tune_lfm.search", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=ENV, **kwargs)
+                          timeout=timeout, env=env, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -83,25 +84,16 @@ def test_a_preset_reruns_its_trial(quickstart, tmp_path):
 
 def test_failures_and_divergence_are_recorded_while_the_sweep_completes(tmp_path):
     space = tmp_path / "faults.yaml"
-    space.write_text(f"""
-fixed: {{max_steps: 20, num_examples: 640}}
-user_datasets:
-  missing-file: {{path: {tmp_path}/nowhere.jsonl, format: alpaca}}
-sweep:
-  variants:
-    grid:
-      - {{dataset: alpaca}}
-      - {{dataset: missing-file, data_source: hub}}
-      - {{dataset: dolly, learning_rate: .inf}}
-max_failures: 0
-""")
-    out = search(space, "--storage", tmp_path, "--name", "faults", "--scale", "tiny")
+    space.write_text("fixed: {dataset: alpaca, max_steps: 20, num_examples: 640, lora_targets: o_proj}\n"
+                     "sweep: {seed: {grid: [1, 2, 3]}}\nmax_failures: 0\n")
+    ok, failing, diverging = [t.trial_id for t in with_hub_layers(plan_trials(load_sweep(str(space)), "tiny"))]
+    out = search(space, "--storage", tmp_path, "--name", "faults", "--scale", "tiny",
+                 env={**ENV, "TUNE_LFM_FAULTS": f"{failing}:raise,{diverging}:nan"})
     assert out.returncode == 0, out.stderr[-3000:]
-    trials = pd.read_parquet(tmp_path / "faults" / "trials.parquet").set_index("dataset")
-    assert trials.loc["alpaca", "status"] == "completed"
-    assert trials.loc["missing-file", "status"] == "failed"
-    assert "nowhere.jsonl" in trials.loc["missing-file", "error"]
-    assert trials.loc["dolly", "status"] == "diverged" and "non-finite" in trials.loc["dolly", "error"]
+    trials = pd.read_parquet(tmp_path / "faults" / "trials.parquet").set_index("trial_id")
+    assert trials.loc[ok, "status"] == "completed"
+    assert trials.loc[failing, "status"] == "failed" and "injected fault" in trials.loc[failing, "error"]
+    assert trials.loc[diverging, "status"] == "diverged" and "non-finite" in trials.loc[diverging, "error"]
 
 
 def test_optuna_two_objective_search_stores_its_study(tmp_path):

@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any, Callable
 from .config import FIELD_NAMES, ConfigError, TrialConfig, config_from_dict, load_config_file
 from .progress import StepProgress
 from .spaces import scale_metadata, scaled_config
-from .targets import ResolvedTargets, parse_targets_arg
+from .targets import ResolvedTargets, parse_layers_arg, parse_targets_arg
+from .validate import check_output_dir, check_trial
 
 if TYPE_CHECKING:
     from .memory import MicroBatchPlan
@@ -305,8 +306,12 @@ def run_trial(config: TrialConfig, reporter: Reporter | None = None, save_adapte
     probe = metrics.probe_measures(model, data.probe, config.kl_batch_size, pad, device)
     hub = hub_preservation(model, tokenizer, config, log)
     eval_s = time.perf_counter() - eval_start
+    adapter_error = None
     if save_adapter:
-        model.save_pretrained(save_adapter)
+        try:
+            model.save_pretrained(save_adapter)
+        except OSError as err:  # the measurements stand; the caller reports the adapter that could not be saved
+            adapter_error = f"could not save the adapter to {save_adapter}: {err}"
 
     train_s = recorder.finished - recorder.started
     tokens = int(trainer.state.num_input_tokens_seen)
@@ -326,6 +331,8 @@ def run_trial(config: TrialConfig, reporter: Reporter | None = None, save_adapte
         "micro_batch_used": plan.micro_batch, "gradient_checkpointing_used": plan.gradient_checkpointing,
         "precision_used": "bf16" if bf16 else "fp32", "history": recorder.history,
     }
+    if save_adapter:
+        result["adapter_error"] = adapter_error
     return result
 
 
@@ -335,7 +342,7 @@ def _cli_overrides(args: argparse.Namespace) -> dict[str, Any]:
                "num_examples": args.num_examples, "seed": args.seed, "max_length": args.max_length,
                "batch_size": args.batch_size, "grad_accum": args.grad_accum, "data_source": args.data_source}
     if args.hub_layers:
-        mapping["hub_layers"] = [int(i) for i in args.hub_layers.split(",")]
+        mapping["hub_layers"] = parse_layers_arg(args.hub_layers)
     return {key: value for key, value in mapping.items() if value is not None}
 
 
@@ -372,6 +379,9 @@ def main(argv: list[str] | None = None) -> int:
             overrides["lora_targets"] = parse_targets_arg(overrides["lora_targets"])
         config = scaled_config(config_from_dict({**base, **overrides}, where=args.config or "command line"),
                                args.scale)
+        check_trial(config, args.config or "command line")
+        if args.save_adapter:
+            check_output_dir(args.save_adapter, "--save-adapter")
         result = run_trial(config, reporter=StepProgress(config.max_steps), save_adapter=args.save_adapter,
                            log=lambda line: print(line, file=sys.stderr))
         if args.scale == "tiny":
@@ -382,6 +392,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.history:
         result.pop("history")
     print(json.dumps(result, indent=2, default=str))
+    if result.get("adapter_error"):
+        print(f"error: {result['adapter_error']}", file=sys.stderr)
+        return 1
     return 0 if result["status"] == "completed" else 1
 
 
