@@ -22,7 +22,7 @@ TRIAL_COLUMNS = [
     "learning_rate", "lora_rank", "lora_alpha", "lora_targets", "hub_layers", "max_steps", "num_examples", "seed",
     "trainable_params", "total_params", "train_loss", "eval_loss", "base_loss", "kl", "kl_p95", "hub_preserved",
     "hub_rank_corr", "hub_topk_jaccard", "tokens_trained", "tokens_per_s", "train_s", "prepare_s", "load_s", "eval_s",
-    "wall_s", "peak_mem_gb",
+    "wall_s", "peak_mem_gb", "adapter_uri", "adapter_bytes",
     "rows_skipped", "rows_dropped", "train_rows", "steps_completed", "data_source_used", "device", "precision_used",
     "packing_used", "micro_batch_used", "gradient_checkpointing_used",
     "node_id", "hostname", "gpu_name", "started_at", "finished_at",
@@ -123,9 +123,11 @@ class ExperimentRecord:
     def finished_ids(self) -> set[str]:
         return {tid for tid, row in self.rows.items() if row.get("status") in ("completed", "diverged")}
 
-    def drop_history(self, trial_id: str) -> None:
-        """A trial (re)starting begins its history afresh: no steps of an interrupted attempt are kept twice."""
-        self.history = [row for row in self.history if row["trial_id"] != trial_id]
+    def drop_history(self, trial_id: str, after: int | None = None) -> None:
+        """A trial (re)starting begins its history afresh, or after step `after` when it resumes from a checkpoint
+        of that step: no step of an interrupted attempt is kept twice."""
+        self.history = [row for row in self.history
+                        if row["trial_id"] != trial_id or (after is not None and row["step"] <= after)]
 
     def add_step(self, trial_id: str, step: dict[str, Any]) -> None:
         self.history.append({"trial_id": trial_id, **{k: step.get(k) for k in HISTORY_COLUMNS[1:]}})

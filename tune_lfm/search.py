@@ -11,14 +11,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from typing import Any
 
 import yaml
 
+from .checkpoints import KEEP_ADAPTERS, artifact_settings, prune_adapters
 from .config import ConfigError
 from .faults import fire, injected_fault
 from .results import ExperimentRecord, StorageError, check_writable
@@ -222,6 +225,7 @@ def trainable(params: dict[str, Any]) -> None:
     import torch
     from ray import tune
 
+    from .checkpoints import describe_adapter, trial_resume
     from .config import config_from_dict
     from .trial import run_trial
 
@@ -236,14 +240,23 @@ def trainable(params: dict[str, Any]) -> None:
     def report_step(step: dict[str, Any]) -> None:
         tune.report({"kind": "step", **step})
 
-    try:
-        result = run_trial(config, reporter=report_step, log=lambda line: print(line, flush=True),
-                           gpu_share=ray.get_runtime_context().get_assigned_resources().get("GPU"))
-    finally:  # the actor runs the next trial (reuse_actors)
-        _release_gpu_memory()
-    result.pop("history")
-    tune.report({"kind": "final", **{k: _scalar(v) for k, v in result.items()}, "loss": result["train_loss"],
-                 "started_at": started, "finished_at": datetime.now(timezone.utc).isoformat(), **_hardware()})
+    keep_adapter = params.get("_keep_adapters", "all") != "none"
+    resume = trial_resume(params.get("_checkpoint_every"))
+    with tempfile.TemporaryDirectory(prefix="tune_lfm_adapter_") as adapter_dir:
+        try:
+            result = run_trial(config, reporter=report_step, log=lambda line: print(line, flush=True),
+                               gpu_share=ray.get_runtime_context().get_assigned_resources().get("GPU"),
+                               save_adapter=adapter_dir if keep_adapter else None, resume=resume)
+        finally:  # the actor runs the next trial (reuse_actors)
+            _release_gpu_memory()
+            if resume and resume.start:
+                shutil.rmtree(resume.start, ignore_errors=True)
+        result.pop("history")
+        final = {"kind": "final", **{k: _scalar(v) for k, v in result.items()}, "loss": result["train_loss"],
+                 "started_at": started, "finished_at": datetime.now(timezone.utc).isoformat(), **_hardware()}
+        if keep_adapter:
+            final["adapter_bytes"] = describe_adapter(adapter_dir, params, result)
+        tune.report(final, checkpoint=tune.Checkpoint.from_directory(adapter_dir) if keep_adapter else None)
 
 
 # ---------------------------------------------------------------- recording results in the driver
@@ -252,6 +265,8 @@ def results_callback(experiment_dir: str, meta: dict[str, Any], total: int):
     """A Tune callback (driver side) that writes trials.parquet / history.parquet and prints a summary line."""
     from ray.tune import Callback
 
+    from .checkpoints import adapter_uri, resumed_step
+
     class ResultsCallback(Callback):
         def setup(self, **info):
             self.record = ExperimentRecord(experiment_dir)  # rows of an interrupted run are loaded and kept
@@ -259,7 +274,7 @@ def results_callback(experiment_dir: str, meta: dict[str, Any], total: int):
             self.finished_before = len(self.record.finished_ids())
 
         def on_trial_start(self, iteration, trials, trial, **info):
-            self.record.drop_history(trial_params(trial.config)["trial_id"])
+            self.record.drop_history(trial_params(trial.config)["trial_id"], after=resumed_step(trial))
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             params = trial_params(trial.config)
@@ -267,7 +282,8 @@ def results_callback(experiment_dir: str, meta: dict[str, Any], total: int):
                 self.record.add_step(params["trial_id"], result)
             elif result.get("kind") == "final":
                 fields = {k: v for k, v in result.items() if k in record_columns()}
-                self.record.set_trial({**fields, **meta, **_identity(params), "attempts": trial.num_failures + 1})
+                self.record.set_trial({**fields, **meta, **_identity(params), "attempts": trial.num_failures + 1,
+                                       "adapter_uri": adapter_uri(experiment_dir, trial, result)})
                 self._summary(trials)
 
         def on_trial_error(self, iteration, trials, trial, **info):
@@ -317,11 +333,12 @@ def record_columns() -> set[str]:
 
 # ---------------------------------------------------------------- Ray wiring
 
-def _param_space_for_plan(trials: list[PlannedTrial], threads: int) -> dict[str, Any]:
+def _param_space_for_plan(trials: list[PlannedTrial], worker: dict[str, Any]) -> dict[str, Any]:
+    """`worker`: settings of how trials run that are not part of what they compute (threads, checkpoints)."""
     from ray import tune
 
     return {"trial": tune.grid_search([
-        {"config": t.config.to_dict(), "trial_id": t.trial_id, "sweeps": t.sweeps, "_threads": threads}
+        {"config": t.config.to_dict(), "trial_id": t.trial_id, "sweeps": t.sweeps, **worker}
         for t in trials])}
 
 
@@ -331,8 +348,8 @@ class OptunaSpace:
     A class rather than a closure because Ray pickles the searcher (and so this) when it saves experiment state.
     """
 
-    def __init__(self, sweep: Sweep, scale: str, overrides: dict[str, Any], threads: int):
-        self.sweep, self.scale, self.overrides, self.threads = sweep, scale, overrides, threads
+    def __init__(self, sweep: Sweep, scale: str, overrides: dict[str, Any], worker: dict[str, Any]):
+        self.sweep, self.scale, self.overrides, self.worker = sweep, scale, overrides, worker
 
     def __call__(self, trial) -> dict[str, Any]:
         from .config import config_from_dict
@@ -351,10 +368,10 @@ class OptunaSpace:
         if config.hub_layers is None and needs_hub_layers(parse_spec(config.lora_targets)):
             config = config.replace(hub_layers=resolve_hub_layers(config.model, None))
         return {"trial": {"config": config.to_dict(), "trial_id": config_id(config), "sweeps": [self.sweep.name],
-                          "_threads": self.threads}}
+                          **self.worker}}
 
 
-def _optuna_setup(sweep: Sweep, scale: str, overrides: dict[str, Any], threads: int, experiment_dir: str):
+def _optuna_setup(sweep: Sweep, scale: str, overrides: dict[str, Any], worker: dict[str, Any], experiment_dir: str):
     """OptunaSearch (TPE or NSGA-II, one or several objectives); its study lives in the experiment's optuna.db."""
     import optuna
     from ray.tune.search.optuna import OptunaSearch
@@ -368,7 +385,7 @@ def _optuna_setup(sweep: Sweep, scale: str, overrides: dict[str, Any], threads: 
     metrics, modes = list(sweep.objectives), list(sweep.objectives.values())
     # Objectives always go as lists: OptunaSearch then ignores the per-step reports (which carry the step loss, not
     # the objectives) and tells Optuna the final values only.
-    return OptunaSearch(space=OptunaSpace(sweep, scale, overrides, threads), metric=metrics, mode=modes,
+    return OptunaSearch(space=OptunaSpace(sweep, scale, overrides, worker), metric=metrics, mode=modes,
                         sampler=sampler, storage=storage, study_name=sweep.name, seed=sweep.seed)
 
 
@@ -448,7 +465,11 @@ def run_search(args: argparse.Namespace) -> int:
     cpus = sweep.resources.get("cpus_per_trial") or (1 if scale == "tiny" else 2)
     if cpus == "auto":
         cpus = 1
-    threads = max(1, int(cpus))
+    artifacts = artifact_settings(args.keep_adapters or sweep.artifacts.keep_adapters,
+                                  args.checkpoint_every or sweep.artifacts.checkpoint_every_steps,
+                                  "--keep-adapters/--checkpoint-every")
+    worker = {"_threads": max(1, int(cpus)), "_keep_adapters": artifacts.keep_adapters,
+              "_checkpoint_every": artifacts.checkpoint_every_steps}
     atlas_device = "cpu" if gpus == 0 else None
     finished = ExperimentRecord(experiment_dir).finished_ids() if args.resume else set()
     if args.resume:
@@ -461,7 +482,7 @@ def run_search(args: argparse.Namespace) -> int:
         # the sweep's fixed model; a model chosen per trial gets its atlas computed by its first trial
         heaviest = scaled_config(config_from_dict({**sweep.fixed, **overrides}, where=sweep.source), scale)
         prepare_atlases([heaviest], atlas_device)
-        search_alg = _optuna_setup(sweep, scale, overrides, threads, experiment_dir)
+        search_alg = _optuna_setup(sweep, scale, overrides, worker, experiment_dir)
         param_space, total = {}, sweep.num_samples
         num_samples = max(sweep.num_samples - len(finished), 0)
     else:
@@ -472,7 +493,7 @@ def run_search(args: argparse.Namespace) -> int:
         prepare_shared_inputs([t.config for t in todo])
         heaviest = max(todo, default=planned[0], key=lambda t: (
             (t.config.micro_batch_size or t.config.batch_size) * t.config.max_length, sizes[t.trial_id])).config
-        param_space, total, search_alg = _param_space_for_plan(todo, threads), len(planned), None
+        param_space, total, search_alg = _param_space_for_plan(todo, worker), len(planned), None
         num_samples = 1 if todo else 0
     if num_samples == 0:
         log("nothing left to run")
@@ -494,7 +515,8 @@ def run_search(args: argparse.Namespace) -> int:
                                   grace_period=s["grace_period"], reduction_factor=s["reduction_factor"])
     run_config = tune.RunConfig(name=name, storage_path=storage_path, verbose=1,
                                 callbacks=[results_callback(experiment_dir, meta, total)],
-                                failure_config=tune.FailureConfig(max_failures=sweep.max_failures))
+                                failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
+                                checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
     _keep_credentials_out_of_trial_runtime_envs()
     tuner = tune.Tuner(tune.with_resources(trainable, {"cpu": cpus, "gpu": gpus}), param_space=param_space,
                        run_config=run_config,
@@ -502,6 +524,7 @@ def run_search(args: argparse.Namespace) -> int:
                                                    max_concurrent_trials=max_concurrent,
                                                    reuse_actors=True))
     tuner.fit()
+    prune_adapters(experiment_dir, artifacts.keep_adapters, log)
     record = ExperimentRecord(experiment_dir)
     statuses = [row.get("status") for row in record.rows.values()]
     log(f"finished: {statuses.count('completed')} completed, {statuses.count('diverged')} diverged, "
@@ -524,6 +547,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="with --dry-run: JSON output")
     parser.add_argument("--max-concurrent", type=int, help="at most N trials at once")
     parser.add_argument("--gpus-per-trial", type=float, help="GPU fraction per trial (default from model size)")
+    parser.add_argument("--keep-adapters", choices=KEEP_ADAPTERS,
+                        help="trial adapters kept on storage: all (default), pareto (the analysis's fronts) or none")
+    parser.add_argument("--checkpoint-every", type=int, metavar="N",
+                        help="save a resume checkpoint every N steps; a retried trial continues from it")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a trial setting in every trial, e.g. --set max_steps=50")
     return parser
