@@ -194,6 +194,11 @@ def trial_params(params: dict[str, Any]) -> dict[str, Any]:
     return params["trial"]
 
 
+def trial_dirname(trial) -> str:
+    """A trial's directory on storage (where its adapter checkpoint lies): our trial id, then Ray's."""
+    return f"{trial_params(trial.config)['trial_id']}-{trial.trial_id}"
+
+
 def _scalar(value: Any) -> Any:
     if isinstance(value, (dict, list, tuple)):
         return json.dumps(value, sort_keys=True, default=str)
@@ -522,6 +527,7 @@ def run_search(args: argparse.Namespace) -> int:
                        run_config=run_config,
                        tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, num_samples=num_samples,
                                                    max_concurrent_trials=max_concurrent,
+                                                   trial_dirname_creator=trial_dirname,
                                                    reuse_actors=True))
     tuner.fit()
     prune_adapters(experiment_dir, artifacts.keep_adapters, log)

@@ -192,6 +192,9 @@ def preset_yaml(preset: Preset) -> str:
         metrics = ", ".join(f"{c} {format_value(c, trial[c])}" for c in EXPECTED_COLUMNS
                             if c in trial and not is_missing(trial[c]))
         lines += _comment(f"Expected (measured in trial {trial['trial_id']}, {trial['source']}): {metrics}.")
+        if not is_missing(trial.get("adapter_uri")):
+            lines += [f"# Adapter: {trial['adapter_uri']}",
+                      f"# Export: python -m tune_lfm.export <experiment> --preset {preset.name} --out DIR [--merge]"]
     else:
         lines += _comment("Expected: unknown until it is run; the per-setting evidence is above.")
     if preset.model_assumed:
