@@ -372,6 +372,9 @@ class OptunaSpace:
         config = scaled_config(config_from_dict({**values, **self.overrides}, where=self.sweep.source), self.scale)
         if config.hub_layers is None and needs_hub_layers(parse_spec(config.lora_targets)):
             config = config.replace(hub_layers=resolve_hub_layers(config.model, None))
+        # shown by optuna-dashboard beside the trial's values, to find its row, adapter and history
+        trial.set_user_attr("trial_id", config_id(config))
+        trial.set_user_attr("config", config.to_dict())
         return {"trial": {"config": config.to_dict(), "trial_id": config_id(config), "sweeps": [self.sweep.name],
                           **self.worker}}
 
@@ -388,6 +391,10 @@ def _optuna_setup(sweep: Sweep, scale: str, overrides: dict[str, Any], worker: d
         os.makedirs(experiment_dir, exist_ok=True)
         storage = optuna.storages.RDBStorage(f"sqlite:///{os.path.abspath(experiment_dir)}/optuna.db")
     metrics, modes = list(sweep.objectives), list(sweep.objectives.values())
+    if storage is not None:  # the study OptunaSearch loads, with its objectives named (optuna-dashboard's axes)
+        optuna.create_study(storage=storage, study_name=sweep.name, load_if_exists=True,
+                            directions=["minimize" if m == "min" else "maximize" for m in modes]
+                            ).set_metric_names(metrics)
     # Objectives always go as lists: OptunaSearch then ignores the per-step reports (which carry the step loss, not
     # the objectives) and tells Optuna the final values only.
     return OptunaSearch(space=OptunaSpace(sweep, scale, overrides, worker), metric=metrics, mode=modes,
@@ -435,6 +442,8 @@ def latest_experiment(storage: str, sweep_name: str) -> str | None:
 
 def run_search(args: argparse.Namespace) -> int:
     from ray import tune
+
+    from .trackers import tracker_callbacks
 
     sweep = load_sweep(args.space)
     overrides = parse_overrides(args.set)
@@ -518,8 +527,9 @@ def run_search(args: argparse.Namespace) -> int:
         s = sweep.scheduler
         scheduler = ASHAScheduler(metric=s["metric"], mode=s["mode"], time_attr="step", max_t=10**9,
                                   grace_period=s["grace_period"], reduction_factor=s["reduction_factor"])
+    trackers = tracker_callbacks(args.log, experiment_dir, name, sweep.name, log) if args.log else []
     run_config = tune.RunConfig(name=name, storage_path=storage_path, verbose=1,
-                                callbacks=[results_callback(experiment_dir, meta, total)],
+                                callbacks=[results_callback(experiment_dir, meta, total), *trackers],
                                 failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
                                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
     _keep_credentials_out_of_trial_runtime_envs()
@@ -557,6 +567,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="trial adapters kept on storage: all (default), pareto (the analysis's fronts) or none")
     parser.add_argument("--checkpoint-every", type=int, metavar="N",
                         help="save a resume checkpoint every N steps; a retried trial continues from it")
+    parser.add_argument("--log", action="append", default=[], choices=("mlflow", "tensorboard", "wandb"),
+                        help="stream step losses and final metrics to a tracker (repeatable; see tune_lfm.trackers)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a trial setting in every trial, e.g. --set max_steps=50")
     return parser
