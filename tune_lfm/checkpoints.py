@@ -77,6 +77,11 @@ class Resume:
     history: list[dict[str, Any]] = field(default_factory=list)
     """The step rows logged before `start`."""
 
+    @property
+    def step(self) -> int | None:
+        """The step `start` was saved at; None when the trial starts from step 0."""
+        return self.history[-1]["step"] if self.start and self.history else None
+
 
 # ---------------------------------------------------------------- inside the trial (Ray worker)
 
@@ -129,6 +134,7 @@ def trial_resume(every: int | None) -> Resume | None:
         if os.path.isfile(os.path.join(local, HISTORY_FILE)):
             with open(os.path.join(local, HISTORY_FILE)) as handle:
                 resume.start, resume.history = local, json.load(handle)
+            print(f"[tune_lfm] resuming from the checkpoint of step {resume.step}", flush=True)
         else:  # an adapter checkpoint: the trial had finished; it runs again from step 0
             shutil.rmtree(local, ignore_errors=True)
     return resume
@@ -177,16 +183,16 @@ def prune_adapters(experiment_dir: str, keep: str, log) -> None:
 
     record = ExperimentRecord(experiment_dir)
     kept = adapters_to_keep(experiment_dir, keep)
-    keep_uris = {row.get("adapter_uri") for tid, row in record.rows.items() if tid in kept}
+    keep_paths = {relative_adapter_path(row["adapter_uri"]) for tid, row in record.rows.items()
+                  if tid in kept and row.get("adapter_uri")}
     fs, root = filesystem(experiment_dir)
     removed = 0
     for trial_dir in fs.get_file_info(pafs.FileSelector(root)):
         if trial_dir.type != pafs.FileType.Directory:
             continue
         for entry in fs.get_file_info(pafs.FileSelector(trial_dir.path)):
-            uri = f"{experiment_dir.rstrip('/')}/{entry.path[len(root):].lstrip('/')}"
             is_checkpoint = entry.type == pafs.FileType.Directory and entry.base_name.startswith("checkpoint_")
-            if is_checkpoint and _absolute(uri) not in keep_uris:
+            if is_checkpoint and relative_adapter_path(entry.path) not in keep_paths:
                 fs.delete_dir(entry.path)
                 removed += 1
     for trial_id, row in record.rows.items():
@@ -196,5 +202,7 @@ def prune_adapters(experiment_dir: str, keep: str, log) -> None:
     log(f"keep_adapters={keep}: kept {len(kept & set(record.rows))} adapter(s), removed {removed} checkpoint(s)")
 
 
-def _absolute(uri: str) -> str:
-    return uri if "://" in uri else os.path.abspath(uri)
+def relative_adapter_path(uri: str) -> str:
+    """`<trial dir>/<checkpoint dir>`: where an adapter lies within its experiment, wherever the experiment is now
+    (a local copy of a bucket, a moved directory)."""
+    return "/".join(uri.rstrip("/").split("/")[-2:])

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
-from .checkpoints import TRIAL_FILE
+from .checkpoints import TRIAL_FILE, relative_adapter_path
 from .config import ConfigError
 
 PRESETS = ("best_quality", "best_efficiency", "most_surgical")
@@ -62,9 +62,13 @@ def fetch_adapter(trial: dict[str, Any], source: str, into: Path) -> dict[str, A
     if _missing(uri):
         raise ExportError(f"{source}: trial {trial['trial_id']} has no adapter on storage (its sweep kept "
                           "none, pruned it with keep_adapters: pareto, or predates adapter checkpoints)")
-    fs, path = filesystem(uri)
-    if fs.get_file_info(path).type != pafs.FileType.Directory:
-        raise ExportError(f"{source}: trial {trial['trial_id']}'s adapter {uri} is gone from storage")
+    # where the sweep saved it, else at the same place within the experiment given (moved, or copied from a bucket)
+    for candidate in (uri, f"{source.rstrip('/')}/{relative_adapter_path(uri)}"):
+        fs, path = filesystem(candidate)
+        if fs.get_file_info(path).type == pafs.FileType.Directory:
+            break
+    else:
+        raise ExportError(f"{source}: trial {trial['trial_id']}'s adapter is gone: not at {uri} nor within {source}")
     into.mkdir(parents=True)
     try:
         pafs.copy_files(path, str(into), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())

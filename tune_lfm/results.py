@@ -22,7 +22,7 @@ TRIAL_COLUMNS = [
     "learning_rate", "lora_rank", "lora_alpha", "lora_targets", "hub_layers", "max_steps", "num_examples", "seed",
     "trainable_params", "total_params", "train_loss", "eval_loss", "base_loss", "kl", "kl_p95", "hub_preserved",
     "hub_rank_corr", "hub_topk_jaccard", "tokens_trained", "tokens_per_s", "train_s", "prepare_s", "load_s", "eval_s",
-    "wall_s", "peak_mem_gb", "adapter_uri", "adapter_bytes",
+    "wall_s", "peak_mem_gb", "adapter_uri", "adapter_bytes", "resumed_from_step",
     "rows_skipped", "rows_dropped", "train_rows", "steps_completed", "data_source_used", "device", "precision_used",
     "packing_used", "micro_batch_used", "gradient_checkpointing_used",
     "node_id", "hostname", "gpu_name", "started_at", "finished_at",

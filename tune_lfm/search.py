@@ -259,6 +259,8 @@ def trainable(params: dict[str, Any]) -> None:
         result.pop("history")
         final = {"kind": "final", **{k: _scalar(v) for k, v in result.items()}, "loss": result["train_loss"],
                  "started_at": started, "finished_at": datetime.now(timezone.utc).isoformat(), **_hardware()}
+        if resume:
+            final["resumed_from_step"] = resume.step
         if keep_adapter:
             final["adapter_bytes"] = describe_adapter(adapter_dir, params, result)
         tune.report(final, checkpoint=tune.Checkpoint.from_directory(adapter_dir) if keep_adapter else None)
