@@ -1,10 +1,12 @@
 """The real CLI on local Ray at tiny scale: sweeps land in parquet, faults are recorded, Optuna and resume work."""
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -62,6 +64,9 @@ max_failures: 0
     assert trials.loc["missing-file", "status"] == "failed"
     assert "nowhere.jsonl" in trials.loc["missing-file", "error"]
     assert trials.loc["dolly", "status"] == "diverged" and "non-finite" in trials.loc["dolly", "error"]
+    diverged = json.loads((Path(trials.loc["dolly", "adapter_uri"]) / "tune_lfm_trial.json").read_text())
+    assert diverged["status"] == "diverged"  # its adapter is kept too, marked
+    assert pd.isna(trials.loc["missing-file", "adapter_uri"])
 
 
 def test_optuna_two_objective_search_stores_its_study(tmp_path):
@@ -115,7 +120,6 @@ def test_injected_oom_is_recorded_then_recovers_on_retry(tmp_path):
                      "max_failures: 1\n")
     plan = subprocess.run([sys.executable, "-m", "tune_lfm.search", str(space), "--dry-run", "--json", "--scale",
                            "tiny"], capture_output=True, text=True, check=True, env=ENV)
-    import json
 
     first, second = [row["trial_id"] for row in json.loads(plan.stdout)]
     env = {**ENV, "TUNE_LFM_FAULTS": f"{first}:oom,{second}:raise"}
