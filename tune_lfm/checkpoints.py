@@ -177,6 +177,13 @@ def adapters_to_keep(experiment_dir: str, keep: str) -> set[str]:
 
 def prune_adapters(experiment_dir: str, keep: str, log) -> None:
     """Delete every trial checkpoint but the adapters of the trials `keep` retains; clear the others' adapter_uri."""
+    try:
+        _prune(experiment_dir, keep, log)
+    except OSError as err:  # the trials are recorded; only the clean-up is left undone
+        log(f"warning: could not prune checkpoints under {experiment_dir}: {err}")
+
+
+def _prune(experiment_dir: str, keep: str, log) -> None:
     import pyarrow.fs as pafs
 
     from .results import ExperimentRecord, filesystem

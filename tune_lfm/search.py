@@ -1,9 +1,10 @@
 """`python -m tune_lfm.search NAME|PATH`: a sweep from YAML, scheduled by Ray Tune, saved as trial dataframes.
 
-The only module that knows Ray. Grid and random sweeps are planned up front (so `--dry-run` shows exactly what will
-run and identical configs run once); Optuna samples as it goes. Each trial runs `tune_lfm.trial.run_trial` in a Ray
-worker, streams its step losses through `tune.report`, and a driver-side callback writes `trials.parquet` and
-`history.parquet` into the experiment directory after every trial.
+The module that drives Ray (`checkpoints` and `trackers` hold what trials leave on storage and where they are
+logged). Grid and random sweeps are planned up front (so `--dry-run` shows exactly what will run and identical configs
+run once); Optuna samples as it goes. Each trial runs `tune_lfm.trial.run_trial` in a Ray worker, streams its step
+losses through `tune.report`, reports its adapter as a checkpoint, and a driver-side callback writes `trials.parquet`
+and `history.parquet` into the experiment directory after every trial.
 """
 
 from __future__ import annotations
