@@ -191,7 +191,7 @@ def _prune(experiment_dir: str, keep: str, log) -> None:
     record = ExperimentRecord(experiment_dir)
     kept = adapters_to_keep(experiment_dir, keep)
     keep_paths = {relative_adapter_path(row["adapter_uri"]) for tid, row in record.rows.items()
-                  if tid in kept and row.get("adapter_uri")}
+                  if tid in kept and isinstance(row.get("adapter_uri"), str)}
     fs, root = filesystem(experiment_dir)
     removed = 0
     for trial_dir in fs.get_file_info(pafs.FileSelector(root)):
@@ -203,10 +203,10 @@ def _prune(experiment_dir: str, keep: str, log) -> None:
                 fs.delete_dir(entry.path)
                 removed += 1
     for trial_id, row in record.rows.items():
-        if trial_id not in kept and row.get("adapter_uri"):
+        if trial_id not in kept and isinstance(row.get("adapter_uri"), str):
             row["adapter_uri"], row["adapter_bytes"] = None, None
     record.flush()
-    log(f"keep_adapters={keep}: kept {len(kept & set(record.rows))} adapter(s), removed {removed} checkpoint(s)")
+    log(f"keep_adapters={keep}: kept {len(keep_paths)} adapter(s), removed {removed} checkpoint(s)")
 
 
 def relative_adapter_path(uri: str) -> str:
