@@ -28,6 +28,7 @@ from .faults import fire, injected_fault
 from .results import ExperimentRecord, StorageError, check_writable
 from .spaces import PlannedTrial, Sweep, config_id, load_sweep, plan_trials, scaled_config
 from .targets import needs_hub_layers, parse_spec, resolve_hub_layers, targets_for_model
+from .trackers import TRACKERS, check_trackers_installed, tracker_callbacks
 
 DEFAULT_STORAGE = "tune_lfm_results"
 SCALES = ("auto", "tiny", "full")
@@ -446,10 +447,13 @@ def latest_experiment(storage: str, sweep_name: str) -> str | None:
 def run_search(args: argparse.Namespace) -> int:
     from ray import tune
 
-    from .trackers import tracker_callbacks
-
     sweep = load_sweep(args.space)
     overrides = parse_overrides(args.set)
+    artifacts = artifact_settings(
+        args.keep_adapters or sweep.artifacts.keep_adapters,
+        args.checkpoint_every if args.checkpoint_every is not None else sweep.artifacts.checkpoint_every_steps,
+        "--keep-adapters/--checkpoint-every")
+    check_trackers_installed(args.log)
 
     if args.dry_run and not args.address:
         scale = resolve_scale(args.scale, local_gpu_count())
@@ -482,9 +486,6 @@ def run_search(args: argparse.Namespace) -> int:
     cpus = sweep.resources.get("cpus_per_trial") or (1 if scale == "tiny" else 2)
     if cpus == "auto":
         cpus = 1
-    artifacts = artifact_settings(args.keep_adapters or sweep.artifacts.keep_adapters,
-                                  args.checkpoint_every or sweep.artifacts.checkpoint_every_steps,
-                                  "--keep-adapters/--checkpoint-every")
     worker = {"_threads": max(1, int(cpus)), "_keep_adapters": artifacts.keep_adapters,
               "_checkpoint_every": artifacts.checkpoint_every_steps}
     atlas_device = "cpu" if gpus == 0 else None
@@ -570,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="trial adapters kept on storage: all (default), pareto (the analysis's fronts) or none")
     parser.add_argument("--checkpoint-every", type=int, metavar="N",
                         help="save a resume checkpoint every N steps; a retried trial continues from it")
-    parser.add_argument("--log", action="append", default=[], choices=("mlflow", "tensorboard", "wandb"),
+    parser.add_argument("--log", action="append", default=[], choices=TRACKERS,
                         help="stream step losses and final metrics to a tracker (repeatable; see tune_lfm.trackers)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a trial setting in every trial, e.g. --set max_steps=50")

@@ -13,13 +13,10 @@ trial's directory of the experiment; W&B to the project named after the sweep, o
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 from typing import Any
-
-from ray.air.integrations.mlflow import MLflowLoggerCallback
-from ray.air.integrations.wandb import WandbLoggerCallback
-from ray.tune.logger import TBXLoggerCallback
 
 from .config import FIELD_NAMES, ConfigError
 from .results import HISTORY_COLUMNS, TRIAL_COLUMNS
@@ -64,16 +61,9 @@ class _TrackedMetricsOnly:
             super().log_trial_result(iteration, trial, tracked)
 
 
-class MLflowTracker(_TrackedMetricsOnly, MLflowLoggerCallback):
-    pass
-
-
-class TensorBoardTracker(_TrackedMetricsOnly, TBXLoggerCallback):
-    pass
-
-
-class WandbTracker(_TrackedMetricsOnly, WandbLoggerCallback):
-    pass
+def _tracked(callback_class: type) -> type:
+    """`callback_class` fed through `tracked_metrics` (made here so that importing this module does not load Ray)."""
+    return type(f"Tracked{callback_class.__name__}", (_TrackedMetricsOnly, callback_class), {})
 
 
 def mlflow_tracking_uri(experiment_dir: str) -> str:
@@ -84,32 +74,39 @@ def mlflow_tracking_uri(experiment_dir: str) -> str:
     return f"sqlite:///{os.path.abspath(local)}/mlflow.db"
 
 
-def tracker_callbacks(names: list[str], experiment_dir: str, experiment: str, sweep: str, log) -> list:
-    """The Ray logger callbacks for `--log` names (validated here: exit 2 on an unknown or uninstalled tracker)."""
-    callbacks = []
-    for name in dict.fromkeys(names):
+def check_trackers_installed(names: list[str]) -> None:
+    """Before anything runs: each `--log` name is known and its package installed (ConfigError, exit 2, if not)."""
+    packages = {"mlflow": ("mlflow", "mlflow-skinny"), "tensorboard": ("tensorboardX", "tensorboardX"),
+                "wandb": ("wandb", "wandb")}
+    for name in names:
         if name not in TRACKERS:
             raise ConfigError(f"--log {name}: unknown tracker; allowed: {', '.join(TRACKERS)}")
+        module, package = packages[name]
+        if importlib.util.find_spec(module) is None:
+            raise ConfigError(f"--log {name}: the {module} package is not installed; pip install {package}")
+
+
+def tracker_callbacks(names: list[str], experiment_dir: str, experiment: str, sweep: str, log) -> list:
+    """The Ray logger callbacks for `--log` names (see `check_trackers_installed`)."""
+    check_trackers_installed(names)
+    callbacks = []
+    for name in dict.fromkeys(names):
         if name == "mlflow":
-            _require("mlflow", "mlflow-skinny", name)
             uri = mlflow_tracking_uri(experiment_dir)
             log(f"mlflow: experiment {experiment} at {uri}")
-            callbacks.append(MLflowTracker(tracking_uri=uri, experiment_name=experiment,
-                                           tags={"tune_lfm_sweep": sweep}))
+            from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+            callbacks.append(_tracked(MLflowLoggerCallback)(tracking_uri=uri, experiment_name=experiment,
+                                                            tags={"tune_lfm_sweep": sweep}))
         elif name == "tensorboard":
             log(f"tensorboard: event files in each trial's directory; tensorboard --logdir {experiment_dir}")
-            callbacks.append(TensorBoardTracker())
+            from ray.tune.logger import TBXLoggerCallback
+
+            callbacks.append(_tracked(TBXLoggerCallback)())
         else:
-            _require("wandb", "wandb", name)
             mode = os.environ.get("WANDB_MODE", "online")
             log(f"wandb: project {sweep}, group {experiment} (WANDB_MODE={mode})")
-            callbacks.append(WandbTracker(project=sweep, group=experiment))
+            from ray.air.integrations.wandb import WandbLoggerCallback
+
+            callbacks.append(_tracked(WandbLoggerCallback)(project=sweep, group=experiment))
     return callbacks
-
-
-def _require(module: str, package: str, tracker: str) -> None:
-    import importlib.util
-
-    if importlib.util.find_spec(module) is None:
-        raise ConfigError(f"--log {tracker}: the {module} package is not installed; pip install {package} "
-                          "(or pip install 'tune-lfm[trackers]')")
