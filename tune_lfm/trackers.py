@@ -63,7 +63,7 @@ class _TrackedMetricsOnly:
 
 def _tracked(callback_class: type) -> type:
     """`callback_class` fed through `tracked_metrics` (made here so that importing this module does not load Ray)."""
-    return type(f"Tracked{callback_class.__name__}", (_TrackedMetricsOnly, callback_class), {})
+    return type(f"Tracked{callback_class.__name__}", (_TrackedMetricsOnly, callback_class), {"__module__": __name__})
 
 
 def mlflow_tracking_uri(experiment_dir: str) -> str:
