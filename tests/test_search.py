@@ -1,10 +1,12 @@
 """The real CLI on local Ray at tiny scale: sweeps land in parquet, faults are recorded, Optuna and resume work."""
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -94,6 +96,9 @@ def test_failures_and_divergence_are_recorded_while_the_sweep_completes(tmp_path
     assert trials.loc[ok, "status"] == "completed"
     assert trials.loc[failing, "status"] == "failed" and "injected fault" in trials.loc[failing, "error"]
     assert trials.loc[diverging, "status"] == "diverged" and "non-finite" in trials.loc[diverging, "error"]
+    diverged = json.loads((Path(trials.loc[diverging, "adapter_uri"]) / "tune_lfm_trial.json").read_text())
+    assert diverged["status"] == "diverged"  # its adapter is kept too, marked
+    assert pd.isna(trials.loc[failing, "adapter_uri"])
 
 
 def test_optuna_two_objective_search_stores_its_study(tmp_path):
@@ -147,7 +152,6 @@ def test_injected_oom_is_recorded_then_recovers_on_retry(tmp_path):
                      "max_failures: 1\n")
     plan = subprocess.run([sys.executable, "-m", "tune_lfm.search", str(space), "--dry-run", "--json", "--scale",
                            "tiny"], capture_output=True, text=True, check=True, env=ENV)
-    import json
 
     first, second = [row["trial_id"] for row in json.loads(plan.stdout)]
     env = {**ENV, "TUNE_LFM_FAULTS": f"{first}:oom,{second}:raise"}

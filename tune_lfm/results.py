@@ -26,7 +26,7 @@ TRIAL_COLUMNS = [
     "probe_loss", "probe_loss_se", "probe_base_loss", "probe_base_loss_se", "probe_improvement",
     "probe_improvement_se", "hub_preserved",
     "hub_rank_corr", "hub_topk_jaccard", "tokens_trained", "tokens_per_s", "train_s", "prepare_s", "load_s", "eval_s",
-    "wall_s", "peak_mem_gb",
+    "wall_s", "peak_mem_gb", "adapter_uri", "adapter_bytes", "resumed_from_step",
     "rows_skipped", "rows_dropped", "train_rows", "steps_completed", "data_source_used", "device", "precision_used",
     "packing_used", "micro_batch_used", "gradient_checkpointing_used",
     "node_id", "hostname", "gpu_name", "started_at", "finished_at",
@@ -142,10 +142,12 @@ class ExperimentRecord:
     def finished_ids(self) -> set[str]:
         return {tid for tid, row in self.rows.items() if row.get("status") in ("completed", "diverged")}
 
-    def drop_history(self, trial_id: str) -> None:
-        """A trial (re)starting begins its history afresh: no steps of an interrupted attempt are kept twice."""
+    def drop_history(self, trial_id: str, after: int | None = None) -> None:
+        """A trial (re)starting begins its history afresh, or after step `after` when it resumes from a checkpoint
+        of that step: no step of an interrupted attempt is kept twice."""
         self.owned.add(trial_id)
-        self.history = [row for row in self.history if row["trial_id"] != trial_id]
+        self.history = [row for row in self.history
+                        if row["trial_id"] != trial_id or (after is not None and row["step"] <= after)]
 
     def add_step(self, trial_id: str, step: dict[str, Any]) -> None:
         self.owned.add(trial_id)

@@ -1,9 +1,10 @@
 """`python -m tune_lfm.search NAME|PATH`: a sweep from YAML, scheduled by Ray Tune, saved as trial dataframes.
 
-The only module that knows Ray. Grid and random sweeps are planned up front (so `--dry-run` shows exactly what will
-run and identical configs run once); Optuna samples as it goes. Each trial runs `tune_lfm.trial.run_trial` in a Ray
-worker, streams its step losses through `tune.report`, and a driver-side callback writes `trials.parquet` and
-`history.parquet` into the experiment directory after every trial.
+The module that drives Ray (`checkpoints` and `trackers` hold what trials leave on storage and where they are
+logged). Grid and random sweeps are planned up front (so `--dry-run` shows exactly what will run and identical configs
+run once); Optuna samples as it goes. Each trial runs `tune_lfm.trial.run_trial` in a Ray worker, streams its step
+losses through `tune.report`, reports its adapter as a checkpoint, and a driver-side callback writes `trials.parquet`
+and `history.parquet` into the experiment directory after every trial.
 """
 
 from __future__ import annotations
@@ -13,15 +14,18 @@ import dataclasses
 import json
 import os
 import shlex
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from typing import Any
 
 import yaml
 
+from .checkpoints import KEEP_ADAPTERS, ArtifactSettings, artifact_settings, prune_adapters
 from .config import ConfigError
 from .determinism import start_trial
 from .faults import fire, fire_after_step, injected_fault
@@ -31,6 +35,7 @@ from .models import ModelNotFoundError
 from .results import ExperimentRecord, StorageError, check_writable, experiment_exists
 from .spaces import PlannedTrial, Sweep, config_id, load_sweep, plan_trials, scale_metadata, scaled_config
 from .targets import needs_hub_layers, parse_spec, resolve_hub_layers, targets_for_model
+from .trackers import TRACKERS, check_trackers_installed, tracker_callbacks
 from .validate import check_sweep
 
 DEFAULT_STORAGE = "tune_lfm_results"
@@ -208,6 +213,11 @@ def trial_params(params: dict[str, Any]) -> dict[str, Any]:
     return params["trial"]
 
 
+def trial_dirname(trial) -> str:
+    """A trial's directory on storage (where its adapter checkpoint lies): our trial id, then Ray's."""
+    return f"{trial_params(trial.config)['trial_id']}-{trial.trial_id}"
+
+
 def _scalar(value: Any) -> Any:
     if isinstance(value, (dict, list, tuple)):
         return json.dumps(value, sort_keys=True, default=str)
@@ -233,6 +243,7 @@ def trainable(params: dict[str, Any]) -> None:
     import ray
     from ray import tune
 
+    from .checkpoints import describe_adapter, trial_resume
     from .config import config_from_dict
     from .trial import run_trial
 
@@ -250,14 +261,25 @@ def trainable(params: dict[str, Any]) -> None:
         if fault:
             fire_after_step(fault, attempt)
 
-    try:
-        result = run_trial(config, reporter=report_step, log=lambda line: print(line, flush=True),
-                           gpu_share=ray.get_runtime_context().get_assigned_resources().get("GPU"))
-    finally:  # the actor runs the next trial (reuse_actors)
-        _release_gpu_memory()
-    result.pop("history")
-    tune.report({"kind": "final", **{k: _scalar(v) for k, v in result.items()}, "loss": result["train_loss"],
-                 "started_at": started, "finished_at": datetime.now(timezone.utc).isoformat(), **_hardware()})
+    keep_adapter = params.get("_keep_adapters", "all") != "none"
+    resume = trial_resume(params.get("_checkpoint_every"))
+    with tempfile.TemporaryDirectory(prefix="tune_lfm_adapter_") as adapter_dir:
+        try:
+            result = run_trial(config, reporter=report_step, log=lambda line: print(line, flush=True),
+                               gpu_share=ray.get_runtime_context().get_assigned_resources().get("GPU"),
+                               save_adapter=adapter_dir if keep_adapter else None, resume=resume)
+        finally:  # the actor runs the next trial (reuse_actors)
+            _release_gpu_memory()
+            if resume and resume.start:
+                shutil.rmtree(resume.start, ignore_errors=True)
+        result.pop("history")
+        final = {"kind": "final", **{k: _scalar(v) for k, v in result.items()}, "loss": result["train_loss"],
+                 "started_at": started, "finished_at": datetime.now(timezone.utc).isoformat(), **_hardware()}
+        if resume:
+            final["resumed_from_step"] = resume.step
+        if keep_adapter:
+            final["adapter_bytes"] = describe_adapter(adapter_dir, params, result)
+        tune.report(final, checkpoint=tune.Checkpoint.from_directory(adapter_dir) if keep_adapter else None)
 
 
 # ---------------------------------------------------------------- recording results in the driver
@@ -269,6 +291,8 @@ def results_callback(experiment_dir: str, meta: dict[str, Any], total: int, stop
     failed: no row is written for them, and they run again on resume."""
     from ray.tune import Callback
 
+    from .checkpoints import adapter_uri, resumed_step
+
     class ResultsCallback(Callback):
         def setup(self, **info):
             self.record = ExperimentRecord(experiment_dir)  # rows of an interrupted run are loaded and kept
@@ -276,14 +300,14 @@ def results_callback(experiment_dir: str, meta: dict[str, Any], total: int, stop
             self.finished_before = len(self.record.finished_ids())
 
         def on_trial_start(self, iteration, trials, trial, **info):
-            self.record.drop_history(trial_params(trial.config)["trial_id"])
+            self.record.drop_history(trial_params(trial.config)["trial_id"], after=resumed_step(trial))
 
         def on_trial_recover(self, iteration, trials, trial, **info):
             """Tune will run the trial again: its next actor gets the next attempt number in its config, and the
             failed attempt's steps are dropped."""
             params = trial_params(trial.config)
             trial.set_config({**trial.config, "trial": {**params, "attempt": attempt_number(params) + 1}})
-            self.record.drop_history(params["trial_id"])
+            self.record.drop_history(params["trial_id"], after=resumed_step(trial))
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             params = trial_params(trial.config)
@@ -291,7 +315,8 @@ def results_callback(experiment_dir: str, meta: dict[str, Any], total: int, stop
                 self.record.add_step(params["trial_id"], result)
             elif result.get("kind") == "final":
                 fields = {k: v for k, v in result.items() if k in record_columns()}
-                self.record.set_trial({**fields, **meta, **_identity(params), "attempts": attempt_number(params)})
+                self.record.set_trial({**fields, **meta, **_identity(params), "attempts": attempt_number(params),
+                                       "adapter_uri": adapter_uri(experiment_dir, trial, result)})
                 self._summary(trials)
 
         def on_trial_error(self, iteration, trials, trial, **info):
@@ -343,11 +368,12 @@ def record_columns() -> set[str]:
 
 # ---------------------------------------------------------------- Ray wiring
 
-def _param_space_for_plan(trials: list[PlannedTrial], threads: int) -> dict[str, Any]:
+def _param_space_for_plan(trials: list[PlannedTrial], worker: dict[str, Any]) -> dict[str, Any]:
+    """`worker`: settings of how trials run that are not part of what they compute (threads, checkpoints)."""
     from ray import tune
 
     return {"trial": tune.grid_search([
-        {"config": t.config.to_dict(), "trial_id": t.trial_id, "sweeps": t.sweeps, "_threads": threads}
+        {"config": t.config.to_dict(), "trial_id": t.trial_id, "sweeps": t.sweeps, **worker}
         for t in trials])}
 
 
@@ -357,8 +383,8 @@ class OptunaSpace:
     A class rather than a closure because Ray pickles the searcher (and so this) when it saves experiment state.
     """
 
-    def __init__(self, sweep: Sweep, scale: str, overrides: dict[str, Any], threads: int):
-        self.sweep, self.scale, self.overrides, self.threads = sweep, scale, overrides, threads
+    def __init__(self, sweep: Sweep, scale: str, overrides: dict[str, Any], worker: dict[str, Any]):
+        self.sweep, self.scale, self.overrides, self.worker = sweep, scale, overrides, worker
 
     def __call__(self, trial) -> dict[str, Any]:
         from .config import config_from_dict
@@ -376,11 +402,14 @@ class OptunaSpace:
         config = scaled_config(config_from_dict({**values, **self.overrides}, where=self.sweep.source), self.scale)
         if config.hub_layers is None and needs_hub_layers(parse_spec(config.lora_targets)):
             config = config.replace(hub_layers=resolve_hub_layers(config.model, None))
+        # shown by optuna-dashboard beside the trial's values, to find its row, adapter and history
+        trial.set_user_attr("trial_id", config_id(config))
+        trial.set_user_attr("config", config.to_dict())
         return {"trial": {"config": config.to_dict(), "trial_id": config_id(config), "sweeps": [self.sweep.name],
-                          "_threads": self.threads}}
+                          **self.worker}}
 
 
-def _optuna_setup(sweep: Sweep, scale: str, overrides: dict[str, Any], threads: int, experiment_dir: str):
+def _optuna_setup(sweep: Sweep, scale: str, overrides: dict[str, Any], worker: dict[str, Any], experiment_dir: str):
     """OptunaSearch (TPE or NSGA-II, one or several objectives); its study lives in the experiment's optuna.db."""
     import optuna
     from ray.tune.search.optuna import OptunaSearch
@@ -392,9 +421,13 @@ def _optuna_setup(sweep: Sweep, scale: str, overrides: dict[str, Any], threads: 
         os.makedirs(experiment_dir, exist_ok=True)
         storage = optuna.storages.RDBStorage(f"sqlite:///{os.path.abspath(experiment_dir)}/optuna.db")
     metrics, modes = list(sweep.objectives), list(sweep.objectives.values())
+    if storage is not None:  # the study OptunaSearch loads, with its objectives named (optuna-dashboard's axes)
+        optuna.create_study(storage=storage, study_name=sweep.name, load_if_exists=True,
+                            directions=["minimize" if m == "min" else "maximize" for m in modes]
+                            ).set_metric_names(metrics)
     # Objectives always go as lists: OptunaSearch then ignores the per-step reports (which carry the step loss, not
     # the objectives) and tells Optuna the final values only.
-    return OptunaSearch(space=OptunaSpace(sweep, scale, overrides, threads), metric=metrics, mode=modes,
+    return OptunaSearch(space=OptunaSpace(sweep, scale, overrides, worker), metric=metrics, mode=modes,
                         sampler=sampler, storage=storage, study_name=sweep.name, seed=sweep.seed)
 
 
@@ -482,6 +515,11 @@ def run_search(args: argparse.Namespace) -> int:
     """Check everything, then run the sweep while holding the experiment's lock; returns the exit code."""
     sweep = load_sweep(args.space)
     overrides = parse_overrides(args.set)
+    artifacts = artifact_settings(
+        args.keep_adapters or sweep.artifacts.keep_adapters,
+        args.checkpoint_every if args.checkpoint_every is not None else sweep.artifacts.checkpoint_every_steps,
+        "--keep-adapters/--checkpoint-every")
+    check_trackers_installed(args.log)
     # A cluster decides the scale (auto: full iff it has GPUs); a local run knows it without starting Ray. A job
     # submitted with `ray job submit` finds its cluster in RAY_ADDRESS.
     address = args.address or os.environ.get("RAY_ADDRESS")
@@ -506,7 +544,8 @@ def run_search(args: argparse.Namespace) -> int:
     with ExperimentLock(experiment_dir, shlex.join(["python", "-m", "tune_lfm.search", *argv]), log=log), \
             Interrupts(log) as interrupts:
         try:
-            total = run_sweep(args, sweep, scale, overrides, planned, experiment_dir, name, cluster_gpus, interrupts)
+            total = run_sweep(args, sweep, scale, overrides, planned, experiment_dir, name, cluster_gpus, artifacts,
+                              interrupts)
         except KeyboardInterrupt:
             interrupts.received = interrupts.received or signal.SIGINT
             total = len(planned) if planned is not None else sweep.num_samples
@@ -524,7 +563,7 @@ def run_search(args: argparse.Namespace) -> int:
 
 def run_sweep(args: argparse.Namespace, sweep: Sweep, scale: str, overrides: dict[str, Any],
               planned: list[PlannedTrial] | None, experiment_dir: str, name: str, cluster_gpus: float,
-              interrupts: Interrupts) -> int:
+              artifacts: ArtifactSettings, interrupts: Interrupts) -> int:
     """Prepare shared inputs and run the trials not yet finished on Ray Tune; returns the number of planned trials."""
     from ray import tune
 
@@ -535,7 +574,8 @@ def run_sweep(args: argparse.Namespace, sweep: Sweep, scale: str, overrides: dic
     cpus = sweep.resources.get("cpus_per_trial") or (1 if scale == "tiny" else 2)
     if cpus == "auto":
         cpus = 1
-    threads = max(1, int(cpus))
+    worker = {"_threads": max(1, int(cpus)), "_keep_adapters": artifacts.keep_adapters,
+              "_checkpoint_every": artifacts.checkpoint_every_steps}
     atlas_device = "cpu" if gpus == 0 else None
     finished = ExperimentRecord(experiment_dir).finished_ids() if args.resume else set()
     if args.resume:
@@ -548,7 +588,7 @@ def run_sweep(args: argparse.Namespace, sweep: Sweep, scale: str, overrides: dic
         # the sweep's fixed model; a model chosen per trial gets its atlas computed by its first trial
         heaviest = scaled_config(config_from_dict({**sweep.fixed, **overrides}, where=sweep.source), scale)
         prepare_atlases([heaviest], atlas_device)
-        search_alg = _optuna_setup(sweep, scale, overrides, threads, experiment_dir)
+        search_alg = _optuna_setup(sweep, scale, overrides, worker, experiment_dir)
         param_space, total = {}, sweep.num_samples
         num_samples = max(sweep.num_samples - len(finished), 0)
     else:
@@ -559,7 +599,7 @@ def run_sweep(args: argparse.Namespace, sweep: Sweep, scale: str, overrides: dic
         prepare_shared_inputs([t.config for t in todo])
         heaviest = max(todo, default=planned[0], key=lambda t: (
             (t.config.micro_batch_size or t.config.batch_size) * t.config.max_length, sizes[t.trial_id])).config
-        param_space, total, search_alg = _param_space_for_plan(todo, threads), len(planned), None
+        param_space, total, search_alg = _param_space_for_plan(todo, worker), len(planned), None
         num_samples = 1 if todo else 0
     if num_samples == 0:
         log("nothing left to run")
@@ -580,15 +620,20 @@ def run_sweep(args: argparse.Namespace, sweep: Sweep, scale: str, overrides: dic
         scheduler = ASHAScheduler(metric=s["metric"], mode=s["mode"], time_attr="step", max_t=10**9,
                                   grace_period=s["grace_period"], reduction_factor=s["reduction_factor"])
     callback = results_callback(experiment_dir, meta, total, stopping=lambda: interrupts.received is not None)
-    run_config = tune.RunConfig(name=name, storage_path=storage_path, verbose=1, callbacks=[callback],
-                                failure_config=tune.FailureConfig(max_failures=sweep.max_failures))
+    trackers = tracker_callbacks(args.log, experiment_dir, name, sweep.name, log) if args.log else []
+    run_config = tune.RunConfig(name=name, storage_path=storage_path, verbose=1, callbacks=[callback, *trackers],
+                                failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
+                                checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
     _keep_credentials_out_of_trial_runtime_envs()
     tuner = tune.Tuner(tune.with_resources(trainable, {"cpu": cpus, "gpu": gpus}), param_space=param_space,
                        run_config=run_config,
                        tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, num_samples=num_samples,
                                                    max_concurrent_trials=max_concurrent,
+                                                   trial_dirname_creator=trial_dirname,
                                                    reuse_actors=True))
     tuner.fit()
+    if not interrupts.received:  # the fronts of a finished sweep decide which adapters stay
+        prune_adapters(experiment_dir, artifacts.keep_adapters, log)
     return total
 
 
@@ -609,6 +654,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="with --dry-run: JSON output")
     parser.add_argument("--max-concurrent", type=int, help="at most N trials at once")
     parser.add_argument("--gpus-per-trial", type=float, help="GPU fraction per trial (default from model size)")
+    parser.add_argument("--keep-adapters", choices=KEEP_ADAPTERS,
+                        help="trial adapters kept on storage: all (default), pareto (the analysis's fronts) or none")
+    parser.add_argument("--checkpoint-every", type=int, metavar="N",
+                        help="save a resume checkpoint every N steps; a retried trial continues from it")
+    parser.add_argument("--log", action="append", default=[], choices=TRACKERS,
+                        help="stream step losses and final metrics to a tracker (repeatable; see tune_lfm.trackers)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a trial setting in every trial, e.g. --set max_steps=50")
     return parser

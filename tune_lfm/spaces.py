@@ -17,6 +17,7 @@ A sweep file (see `search_spaces/`):
     resources: {gpus_per_trial: auto, max_trials_per_gpu: 4, cpus_per_trial: 1, max_concurrent: 4}  # optional
     max_failures: 1
     user_datasets: {name: {path | hub_id, format, ...}}
+    artifacts: {keep_adapters: all | pareto | none, checkpoint_every_steps: 50}   # optional
 
 Scales: `full` runs the file as written; `tiny` (no GPU) swaps in the embedded model and the study datasets'
 embedded rows (user datasets keep their declared path or hub id) and shrinks steps, rows and lengths (see
@@ -35,12 +36,13 @@ from typing import Any
 
 import yaml
 
+from .checkpoints import ArtifactSettings, parse_artifacts
 from .config import EMBEDDED_MODEL, FIELD_NAMES, ConfigError, TrialConfig, config_from_dict
 
 SPACES_DIR = Path(__file__).resolve().parent / "search_spaces"
 """The shipped sweeps: the top-level search_spaces/, linked into the package so a wheel install has them too."""
 TOP_KEYS = ("name", "description", "include", "fixed", "sweep", "search", "scheduler", "resources", "max_failures",
-            "user_datasets")
+            "user_datasets", "artifacts")
 DIMENSION_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 ALGORITHMS = ("grid", "random", "optuna")
 SAMPLERS = ("tpe", "nsga2")
@@ -107,6 +109,8 @@ class Sweep:
     scheduler: dict[str, Any] | None = None
     resources: dict[str, Any] = field(default_factory=dict)
     max_failures: int = 1
+    artifacts: ArtifactSettings = field(default_factory=ArtifactSettings)
+    """Which adapters to keep and how often trials save resume checkpoints (see `tune_lfm.checkpoints`)."""
     members: list[Sweep] = field(default_factory=list)
     """Included sweeps; a composed sweep's trials are theirs, deduplicated."""
 
@@ -246,6 +250,7 @@ def load_sweep(name_or_path: str, _seen: tuple[str, ...] = ()) -> Sweep:
     sweep.max_failures = raw.get("max_failures", 1)
     _expect(isinstance(sweep.max_failures, int) and sweep.max_failures >= 0, f"{where}: max_failures",
             "must be an int >= 0")
+    sweep.artifacts = parse_artifacts(raw.get("artifacts"), f"{where}: artifacts")
     includes = raw.get("include") or []
     _expect(isinstance(includes, list), f"{where}: include", "must be a list of sweep names or paths")
     sweep.members = [load_sweep(name, _seen + (str(path.resolve()),)) for name in includes]

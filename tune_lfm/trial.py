@@ -28,6 +28,7 @@ from .targets import ResolvedTargets, parse_layers_arg, parse_targets_arg
 from .validate import check_output_dir, check_trial
 
 if TYPE_CHECKING:
+    from .checkpoints import Resume
     from .memory import MicroBatchPlan
 
 Reporter = Callable[[dict[str, Any]], None]
@@ -141,18 +142,21 @@ def hub_preservation(model, tokenizer, config: TrialConfig, log: Callable[[str],
     return preservation(model, atlas, tokenizer)
 
 
-def _step_recorder(reporter: Reporter | None):
-    """A TrainerCallback that logs every step, stops on a non-finite loss, and forwards steps to `reporter`."""
+def _step_recorder(reporter: Reporter | None, earlier: list[dict[str, Any]]):
+    """A TrainerCallback that logs every step, stops on a non-finite loss, and forwards steps to `reporter`.
+
+    `earlier` are the rows of the steps before a resume checkpoint; the clock goes on from their last elapsed time.
+    """
     from transformers import TrainerCallback
 
     class StepRecorder(TrainerCallback):
         def __init__(self):
-            self.history: list[dict[str, Any]] = []
+            self.history: list[dict[str, Any]] = list(earlier)
             self.diverged_at: int | None = None
             self.started = self.finished = 0.0
 
         def on_train_begin(self, args, state, control, **kwargs):
-            self.started = time.perf_counter()
+            self.started = time.perf_counter() - (self.history[-1]["elapsed_s"] if self.history else 0.0)
 
         def on_train_end(self, args, state, control, **kwargs):
             self.finished = time.perf_counter()
@@ -176,7 +180,22 @@ def _step_recorder(reporter: Reporter | None):
     return StepRecorder()
 
 
-def _sft_config(config: TrialConfig, plan: MicroBatchPlan, packing: bool, output_dir: str, bf16: bool):
+def _checkpoint_forwarder(resume: Resume, recorder):
+    """A TrainerCallback that hands each Trainer checkpoint (adapter, optimizer, scheduler, RNG, step) and the
+    history so far to `resume.save`; the one saved at the last step is not needed, the finished trial reports."""
+    from transformers import TrainerCallback
+
+    class CheckpointForwarder(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step < state.max_steps and recorder.diverged_at is None:
+                folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+                resume.save(folder, state.global_step, recorder.history)
+
+    return CheckpointForwarder()
+
+
+def _sft_config(config: TrialConfig, plan: MicroBatchPlan, packing: bool, output_dir: str, bf16: bool,
+                save_every: int | None = None):
     from trl import SFTConfig
 
     from .optim import uses_own_schedule
@@ -190,7 +209,9 @@ def _sft_config(config: TrialConfig, plan: MicroBatchPlan, packing: bool, output
         warmup_steps=config.warmup_steps, weight_decay=config.weight_decay, **layout,
         gradient_checkpointing=plan.gradient_checkpointing, torch_compile=config.torch_compile, bf16=bf16, fp16=False,
         seed=config.seed, data_seed=config.seed, logging_steps=config.logging_steps, logging_nan_inf_filter=False,
-        include_num_input_tokens_seen="non_padding", save_strategy="no", eval_strategy="no", report_to="none",
+        include_num_input_tokens_seen="non_padding", eval_strategy="no", report_to="none",
+        **({"save_strategy": "steps", "save_steps": save_every, "save_total_limit": 1} if save_every
+           else {"save_strategy": "no"}),
         disable_tqdm=True, dataloader_num_workers=0, use_cpu=not _cuda_available(),
     )
 
@@ -255,10 +276,12 @@ def measure_trial_memory(config: TrialConfig, log: Callable[[str], None] = print
 
 def run_trial(config: TrialConfig, reporter: Reporter | None = None, save_adapter: str | None = None,
               log: Callable[[str], None] = print,
-              gpu_share: float | None = None) -> dict[str, Any]:
+              gpu_share: float | None = None, resume: Resume | None = None) -> dict[str, Any]:
     """Train one adapter and measure it. Raises on bad input; a NaN/inf loss returns status `diverged`.
 
     `gpu_share` is the fraction of the GPU this trial may use when trials share one (Ray's fractional GPUs).
+    `resume` checkpoints every N steps and may continue from an earlier attempt's checkpoint (see
+    `tune_lfm.checkpoints`); the result is the same run's.
     """
     from datasets import Dataset
     from transformers import PrinterCallback, set_seed
@@ -289,14 +312,16 @@ def run_trial(config: TrialConfig, reporter: Reporter | None = None, save_adapte
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
 
-    recorder = _step_recorder(reporter)
+    recorder = _step_recorder(reporter, resume.history if resume else [])
+    callbacks = [recorder, _checkpoint_forwarder(resume, recorder)] if resume else [recorder]
     optimizer = build_optimizer(config.optimizer, model.parameters(), config.learning_rate, config.weight_decay)
     with tempfile.TemporaryDirectory(prefix="tune_lfm_trial_") as output_dir:
-        trainer = SFTTrainer(model=model, args=_sft_config(config, plan, packing, output_dir, bf16),
+        trainer = SFTTrainer(model=model, args=_sft_config(config, plan, packing, output_dir, bf16,
+                                                           resume.every if resume else None),
                              train_dataset=Dataset.from_list(data.train), processing_class=tokenizer,
-                             optimizers=(optimizer, None), callbacks=[recorder])
+                             optimizers=(optimizer, None), callbacks=callbacks)
         trainer.remove_callback(PrinterCallback)  # it prints log dicts to stdout, where our JSON goes
-        trainer.train()
+        trainer.train(resume_from_checkpoint=resume.start if resume else None)
     prepare_for_eval(optimizer)
     model.eval()
     eval_start = time.perf_counter()

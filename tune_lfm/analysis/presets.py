@@ -262,6 +262,9 @@ def preset_yaml(preset: Preset) -> str:
                             if c in trial and not is_missing(trial[c]))
         lines += _comment(f"trial_id: {trial['trial_id']} ({trial['source']}{'; ' + context if context else ''}).")
         lines += _comment(f"Expected (measured in that trial; ± one standard error): {expected_metrics(trial)}.")
+        if not is_missing(trial.get("adapter_uri")):
+            lines += [f"# Adapter: {trial['adapter_uri']}",
+                      f"# Export: python -m tune_lfm.export <experiment> --preset {preset.name} --out DIR [--merge]"]
     else:
         lines += _comment("Expected: unknown until it is run; the per-setting evidence is above.")
     if preset.model_assumed:
