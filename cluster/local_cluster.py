@@ -69,7 +69,8 @@ def ray_executable() -> str:
 
 def node_command(role: str, address: str, cpus: int, gpus: int, temp_dir: Path, dashboard: bool,
                  ports: dict[str, int]) -> list[str]:
-    """`ray start` for one node; every node gets its own agent port, since all of them share this machine's IP."""
+    """`ray start` for one node; every node gets its own agent port, since all of them share this machine's IP, and
+    its own temp dir, where Ray unpacks a job's `--working-dir` (nodes sharing one would delete each other's copy)."""
     command = [ray_executable(), "start", "--block", "--disable-usage-stats", f"--num-cpus={cpus}",
                f"--num-gpus={gpus}", f"--object-store-memory={OBJECT_STORE_BYTES}", f"--temp-dir={temp_dir}",
                f"--dashboard-agent-listen-port={free_port()}"]
@@ -222,8 +223,8 @@ def start(state_dir: Path, workers: int = 2, cpus_per_node: int = 1, gpus_per_wo
     state = {"address": address, "dashboard_url": f"http://{LOOPBACK}:{ports['dashboard']}" if dashboard else None,
              "temp_dir": str(temp_dir), "nodes": []}
     try:
-        state["nodes"].append(launch_node("head", node_command("head", address, head_cpus, 0, temp_dir, dashboard,
-                                                               ports), log_dir))
+        head = node_command("head", address, head_cpus, 0, temp_dir / "head", dashboard, ports)
+        state["nodes"].append(launch_node("head", head, log_dir))
         save_state(state_dir, state)
         wait_for_gcs(address, state["nodes"])
         import ray
@@ -232,7 +233,8 @@ def start(state_dir: Path, workers: int = 2, cpus_per_node: int = 1, gpus_per_wo
         try:
             wait_for_alive_nodes(1, state["nodes"])
             for index in range(1, workers + 1):  # one at a time: raylets of one session name their sockets in turn
-                command = node_command("worker", address, cpus_per_node, gpus_per_worker, temp_dir, False, ports)
+                command = node_command("worker", address, cpus_per_node, gpus_per_worker, temp_dir / f"worker-{index}",
+                                       False, ports)
                 state["nodes"].append(launch_node(f"worker-{index}", command, log_dir))
                 save_state(state_dir, state)
                 wait_for_alive_nodes(1 + index, state["nodes"])
@@ -275,6 +277,20 @@ def stop(state_dir: Path) -> None:
     (state_dir / STATE_FILE).unlink(missing_ok=True)
 
 
+def hints(state: dict, state_dir: Path) -> list[str]:
+    """Commands that run a sweep on this cluster, from the repository root (tests run them as printed).
+
+    `--scale tiny` because the workers' GPUs are logical: `auto` would pick full scale (the real model, on CPUs);
+    `--gpus-per-trial 1` places one trial on each worker, as on a GPU cluster."""
+    sweep = (f"python -m tune_lfm.search optimizers --scale tiny --gpus-per-trial 1 "
+             f"--storage file://{state_dir.absolute()}/sweeps")
+    commands = [f"RAY_AUTH_MODE=token {sweep} --address {state['address']}"]
+    if state["dashboard_url"]:
+        commands.append(f"RAY_AUTH_MODE=token ray job submit --address {state['dashboard_url']} --working-dir . -- "
+                        f"{sweep}")
+    return commands
+
+
 def count(minimum: int):
     def parse(text: str) -> int:
         value = int(text)
@@ -309,11 +325,8 @@ def main(argv: list[str] | None = None) -> int:
             state = start(args.state_dir, args.workers, args.cpus_per_node, args.gpus_per_worker, args.head_cpus,
                           args.dashboard)
             print(f"cluster up: {1 + args.workers} nodes at {state['address']}; clients need RAY_AUTH_MODE=token")
-            print(f"  RAY_AUTH_MODE=token python -m tune_lfm.search datasets --scale tiny --address {state['address']} "
-                  "--storage file:///tmp/sweeps --gpus-per-trial 1")
-            if state["dashboard_url"]:
-                print(f"  RAY_AUTH_MODE=token ray job submit --address {state['dashboard_url']} --working-dir . -- "
-                      "python -m tune_lfm.search datasets --storage file:///tmp/sweeps")
+            for hint in hints(state, args.state_dir):
+                print(f"  {hint}")
         elif args.command == "status":
             state = status(args.state_dir)
             if args.json:

@@ -33,7 +33,7 @@ DUMMY_KEY_ID = "AKIATUNELFMDUMMY7Q3Z"
 DUMMY_SECRET = "tuneLfmDummySecret/never-leaks+5b1f0c9e"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "RAY_DEDUP_LOGS": "0",
        "RAY_AUTH_MODE": "token", "AWS_ACCESS_KEY_ID": DUMMY_KEY_ID, "AWS_SECRET_ACCESS_KEY": DUMMY_SECRET}
-TINY_TRIAL = "fixed: {dataset: alpaca, max_steps: 60, num_examples: 320}\nmax_failures: 1\n"  # 4 steps at tiny scale
+TINY_TRIAL = "fixed: {dataset: alpaca, max_steps: 20, num_examples: 320}\nmax_failures: 1\n"  # 4 steps at tiny scale
 
 
 def local_cluster_module():
@@ -239,17 +239,38 @@ def test_sweep_yaml_cannot_run_code(tmp_path):
     assert not marker.exists()
 
 
-def test_local_mode_starts_ray_without_a_dashboard(monkeypatch):
-    import ray
+LISTENERS = """
+import json, os, psutil, ray
+from tune_lfm.search import _connect_ray
+_connect_ray(None)
+ray.get(ray.remote(lambda: os.getpid()).remote())  # a worker process too
+me = psutil.Process()
+found = []
+for process in [me, *me.children(recursive=True)]:
+    try:
+        name = " ".join(process.cmdline())[:120]
+        found += [[name, c.laddr.ip, c.laddr.port] for c in process.net_connections(kind="inet") if c.status == "LISTEN"]
+    except psutil.Error:
+        pass
+print(json.dumps(found))
+ray.shutdown()
+"""
 
-    from tune_lfm import search
 
-    calls = []
-    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
-    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
-    search._connect_ray(None)
-    [kwargs] = calls
-    assert kwargs["include_dashboard"] is False and kwargs["dashboard_host"] == "127.0.0.1"
+@pytest.mark.slow
+def test_local_ray_listens_on_loopback_only():
+    """A local sweep's Ray (GCS, raylet, workers, agents, dashboard process) with ray[default] installed, as the
+    cluster README tells users to: no server on any other interface."""
+    import aiohttp  # noqa: F401  - ray[default] is installed: the dashboard runs in full, metrics exporter included
+    import prometheus_client  # noqa: F401
+
+    out = subprocess.run([sys.executable, "-c", LISTENERS], capture_output=True, text=True, timeout=300, env=ENV)
+    assert out.returncode == 0, out.stderr[-3000:]
+    listeners = json.loads(out.stdout.strip().splitlines()[-1])
+    names = " ".join(name for name, _, _ in listeners)
+    assert all(part in names for part in ("gcs_server", "raylet", "dashboard.py", "DashboardAgent")), names
+    outside = [item for item in listeners if item[1] not in ("127.0.0.1", "::1", "::ffff:127.0.0.1")]
+    assert not outside, outside
 
 
 def test_local_cluster_dashboard_when_asked_for_listens_on_loopback_only():
@@ -270,21 +291,22 @@ def run_search(*args, timeout=400):
 
 @pytest.fixture(scope="module")
 def cluster():
-    """Head (1 CPU, no GPU) + 2 workers (1 CPU, 1 logical GPU each), started by the shipped script; always stopped.
-
-    The nodes see the dummy AWS credentials too, as cluster machines would see real ones.
+    """Head (1 CPU, no GPU) + 2 workers (1 CPU, 1 logical GPU each) with the dashboard and job server, started by
+    the shipped script; always stopped. The nodes see the dummy AWS credentials too, as cluster machines would see
+    real ones.
     """
     state_dir = Path(tempfile.mkdtemp(prefix="tlfm"))  # short: Ray's socket paths live under it
     script = [sys.executable, str(CLUSTER_DIR / "local_cluster.py"), "--state-dir", str(state_dir)]
     try:
-        out = subprocess.run([*script, "start", "--workers", "2"], capture_output=True, text=True, timeout=300,
-                             env=ENV)
+        out = subprocess.run([*script, "start", "--workers", "2", "--dashboard"], capture_output=True, text=True,
+                             timeout=300, env=ENV)
         assert out.returncode == 0, out.stdout + out.stderr[-3000:]
         state = json.loads(subprocess.run([*script, "status", "--json"], capture_output=True, text=True, check=True,
                                           env=ENV).stdout)
         assert [n["name"] for n in state["nodes"]] == ["head", "worker-1", "worker-2"]
         assert all(n["alive"] for n in state["nodes"]) and len({n["node_id"] for n in state["nodes"]}) == 3
-        yield {"script": script, "state": state, "state_dir": state_dir}
+        hints = [line.strip() for line in out.stdout.splitlines() if line.startswith("  ")]
+        yield {"script": script, "state": state, "state_dir": state_dir, "hints": hints}
     finally:
         subprocess.run([*script, "stop"], capture_output=True, timeout=120, env=ENV)
         shutil.rmtree(state_dir, ignore_errors=True)
@@ -353,17 +375,63 @@ def files_containing(paths: list[Path], *needles: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_local_cluster_dashboard_process_listens_on_loopback_only(cluster):
-    """Ray always runs its dashboard process (headless without ray[default]); the script binds it to 127.0.0.1."""
+def test_local_cluster_dashboard_and_job_server_listen_on_loopback_only(cluster):
+    """With ray[default] (as the README says for `ray job submit`), the dashboard serves its web UI and job API on
+    127.0.0.1 only. Its Prometheus metrics exporter (DASHBOARD_METRIC_PORT) follows the node address, as every
+    node-to-node server of a multi-node Ray cluster does; it serves read-only metrics."""
+    import aiohttp  # noqa: F401  - ray[default] is installed: the full dashboard runs
+    from ray.dashboard.consts import DASHBOARD_METRIC_PORT
+
     local_cluster = local_cluster_module()
     processes = [p for node in cluster["state"]["nodes"] for p in local_cluster.node_processes(node["pid"])]
     dashboards = [p for p in processes if any(arg.endswith("dashboard/dashboard.py") for arg in p.cmdline())]
     assert dashboards
-    for process in dashboards:
-        assert "--host=127.0.0.1" in process.cmdline()
-        for connection in process.net_connections(kind="inet"):
-            if connection.status == "LISTEN":
-                assert connection.laddr.ip in ("127.0.0.1", "::1"), connection
+    web_port = int(cluster["state"]["dashboard_url"].rsplit(":", 1)[1])
+    listening = [c.laddr for p in dashboards for c in p.net_connections(kind="inet") if c.status == "LISTEN"]
+    assert web_port in {address.port for address in listening}
+    for address in listening:
+        if address.port != DASHBOARD_METRIC_PORT:
+            assert address.ip in ("127.0.0.1", "::1"), address
+
+
+def hint_command(hint: str) -> tuple[list[str], dict[str, str]]:
+    """A printed `VAR=value ... command` line as argv and environment, run with this Python's executables."""
+    words = shlex.split(hint)
+    env = dict(ENV)
+    while "=" in words[0] and not words[0].startswith("-"):
+        key, _, value = words.pop(0).partition("=")
+        env[key] = value
+    executables = {"python": sys.executable, "ray": str(Path(sys.executable).with_name("ray"))}
+    return [executables.get(words[0], words[0]), *words[1:]], env
+
+
+@pytest.mark.slow
+def test_dry_run_on_a_cluster_plans_and_never_runs_a_trial(cluster):
+    """The local cluster's own search hint, as printed, with --dry-run: it picks tiny scale, lists the trials, and
+    starts none (nothing is written to its storage)."""
+    [search] = [hint for hint in cluster["hints"] if "python -m tune_lfm.search" in hint and "job submit" not in hint]
+    command, env = hint_command(search)
+    args = search_args(search)
+    out = subprocess.run([*command, "--dry-run"], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("4 trials") and "tiny-lfm2" in out.stdout
+    assert "Trial status" not in out.stdout + out.stderr
+    assert not Path(args.storage.removeprefix("file://")).exists()
+
+
+@pytest.mark.slow
+def test_the_printed_ray_job_submit_hint_runs_a_sweep_on_the_cluster(cluster):
+    """`ray job submit --working-dir .` through the local cluster's dashboard, exactly as the script prints it (the
+    cluster README's way of running a sweep): the job picks tiny scale and completes every trial."""
+    [submit] = [hint for hint in cluster["hints"] if "ray job submit" in hint]
+    command, env = hint_command(submit)
+    out = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    assert "scale: TINY" in out.stdout + out.stderr
+    storage = Path(search_args(submit.split(" -- ", 1)[1]).storage.removeprefix("file://"))
+    [experiment] = [p for p in storage.iterdir() if p.name.startswith("optimizers-tiny-")]
+    trials = pd.read_parquet(experiment / "trials.parquet")
+    assert len(trials) == 4 and set(trials["status"]) == {"completed"} and (trials["scale"] == "tiny").all()
 
 
 @pytest.mark.slow

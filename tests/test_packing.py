@@ -194,7 +194,7 @@ def test_trial_with_packing_trains_and_measures(leak_free):
     config = TrialConfig(model="tiny-lfm2", dataset="alpaca", packing=True, max_steps=4, batch_size=4, grad_accum=2,
                          max_length=192, num_examples=32, eval_examples=8, learning_rate=2e-3)
     result = run_trial(config, log=lambda _: None)
-    assert result["status"] == "completed" and result["steps_completed"] == 4
+    assert result["status"] == "completed" and result["steps_completed"] == 4 and result["packing_used"]
     assert all(math.isfinite(result[key]) for key in ("train_loss", "eval_loss", "base_loss", "kl", "tokens_per_s"))
     assert result["tokens_trained"] > 0
 
@@ -213,3 +213,16 @@ def test_trial_trains_unpacked_when_the_fix_cannot_apply(monkeypatch):
                                    max_length=128, num_examples=8, eval_examples=4), log=lines.append)
     assert result["status"] == "completed" and result["packing"] and not result["packing_used"]
     assert any("training unpacked" in line for line in lines)
+
+
+def test_enabling_packing_leaves_the_trials_random_state_alone():
+    """The once-per-process conv check draws from a forked generator: a trial seeded before it initialises its
+    adapter the same in a fresh Ray worker (where the check runs) as in a reused one (where it does not)."""
+    packing.disable_leak_free_packing()
+    try:
+        torch.manual_seed(1234)
+        state = torch.get_rng_state()
+        packing.enable_leak_free_packing()  # runs the check
+        assert torch.equal(torch.get_rng_state(), state)
+    finally:
+        packing.disable_leak_free_packing()

@@ -1,73 +1,110 @@
 """The real CLI on local Ray at tiny scale: sweeps land in parquet, faults are recorded, Optuna and resume work."""
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
+
+from tune_lfm.search import with_hub_layers
+from tune_lfm.spaces import TINY_SCALE, load_sweep, plan_trials
 
 pytestmark = pytest.mark.slow
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "RAY_DEDUP_LOGS": "0"}
 
 
-def search(*args, timeout=900, **kwargs):
+def search(*args, timeout=900, env=ENV, **kwargs):
     return subprocess.run([sys.executable, "-m", "tune_lfm.search", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=ENV, **kwargs)
+                          timeout=timeout, env=env, **kwargs)
 
 
-def test_datasets_sweep_end_to_end_writes_both_dataframes(tmp_path):
-    out = search("datasets", "--storage", tmp_path, "--name", "exp")
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory):
+    """The README's main job: the datasets sweep at tiny scale, run once for the tests that read it."""
+    storage = tmp_path_factory.mktemp("quickstart")
+    out = search("datasets", "--storage", storage, "--name", "exp")
     assert out.returncode == 0, out.stderr[-3000:]
+    return storage / "exp", out
+
+
+def test_datasets_sweep_end_to_end_writes_both_dataframes(quickstart):
+    experiment, out = quickstart
     assert "scale: TINY" in out.stderr
-    trials = pd.read_parquet(tmp_path / "exp" / "trials.parquet")
+    trials = pd.read_parquet(experiment / "trials.parquet")
     assert len(trials) == 10 and set(trials["status"]) == {"completed"}, trials[["dataset", "status", "error"]]
     assert sorted(trials["dataset"]) == sorted(["smol-magpie-ultra", "ultrachat", "finetome", "magicoder", "tulu3",
                                                  "openhermes", "slimorca", "gsm8k", "dolly", "alpaca"])
     for column in ("train_loss", "eval_loss", "base_loss", "kl", "tokens_per_s", "wall_s", "trainable_params"):
         assert trials[column].notna().all(), column
     assert (trials["scale"] == "tiny").all() and (trials["sweep"] == "datasets").all()
-    history = pd.read_parquet(tmp_path / "exp" / "history.parquet")
+    assert (trials["lr_multiplier"] == TINY_SCALE.lr_multiplier).all()
+    assert (trials["scale_rule"] == TINY_SCALE.describe()).all()
+    # the miniature learns: every dataset's held-out gain is well above its noise, and the model really moved
+    learned = trials.set_index("dataset")
+    assert (learned["improvement"] > 2 * learned["improvement_se"]).all(), learned[["improvement", "improvement_se"]]
+    assert (learned["kl"] > 1e-3).all(), learned["kl"]
+    history = pd.read_parquet(experiment / "history.parquet")
     assert set(history["trial_id"]) == set(trials["trial_id"])
-    assert (history.groupby("trial_id")["step"].max() == 20).all()
+    assert (history.groupby("trial_id")["step"].max() == 60).all()
 
     import duckdb
     import polars as pl
 
-    assert pl.read_parquet(tmp_path / "exp" / "trials.parquet").height == 10
-    uri = str(tmp_path / "exp" / "trials.parquet")
+    assert pl.read_parquet(experiment / "trials.parquet").height == 10
+    uri = str(experiment / "trials.parquet")
     assert duckdb.sql(f"select count(*) from '{uri}' where status = 'completed'").fetchall()[0][0] == 10
+
+
+def test_a_preset_reruns_its_trial(quickstart, tmp_path):
+    """The analysis picks best_quality from the sweep; the preset alone, run by the trial CLI, gives its numbers."""
+    import json
+
+    experiment, _ = quickstart
+    report = tmp_path / "report"
+    analysis = subprocess.run([sys.executable, "-m", "tune_lfm.analysis", str(experiment), "--out", str(report)],
+                              capture_output=True, text=True, timeout=300, env=ENV)
+    assert analysis.returncode == 0, analysis.stderr[-3000:]
+    preset = report / "presets" / "best_quality.yaml"
+    trial_id = next(line.split()[2].rstrip(".") for line in preset.read_text().splitlines()
+                    if line.startswith("# trial_id:"))
+    recorded = pd.read_parquet(experiment / "trials.parquet").set_index("trial_id").loc[trial_id]
+    rerun = subprocess.run([sys.executable, "-m", "tune_lfm.trial", "--config", str(preset)], capture_output=True,
+                           text=True, timeout=600, env=ENV)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    result = json.loads(rerun.stdout)
+    assert result["base_loss"] == pytest.approx(recorded["base_loss"], abs=1e-6)  # same rows, same model
+    assert result["trainable_params"] == recorded["trainable_params"] and result["max_steps"] == recorded["max_steps"]
+    for metric in ("eval_loss", "kl", "probe_loss"):
+        noise = 2 * recorded[f"{metric}_se"]
+        assert abs(result[metric] - recorded[metric]) <= noise, (metric, result[metric], recorded[metric], noise)
 
 
 def test_failures_and_divergence_are_recorded_while_the_sweep_completes(tmp_path):
     space = tmp_path / "faults.yaml"
-    space.write_text(f"""
-fixed: {{max_steps: 60, num_examples: 640}}
-user_datasets:
-  missing-file: {{path: {tmp_path}/nowhere.jsonl, format: alpaca}}
-sweep:
-  variants:
-    grid:
-      - {{dataset: alpaca}}
-      - {{dataset: missing-file, data_source: hub}}
-      - {{dataset: dolly, learning_rate: .inf}}
-max_failures: 0
-""")
-    out = search(space, "--storage", tmp_path, "--name", "faults", "--scale", "tiny")
+    space.write_text("fixed: {dataset: alpaca, max_steps: 20, num_examples: 640, lora_targets: o_proj}\n"
+                     "sweep: {seed: {grid: [1, 2, 3]}}\nmax_failures: 0\n")
+    ok, failing, diverging = [t.trial_id for t in with_hub_layers(plan_trials(load_sweep(str(space)), "tiny"))]
+    out = search(space, "--storage", tmp_path, "--name", "faults", "--scale", "tiny",
+                 env={**ENV, "TUNE_LFM_FAULTS": f"{failing}:raise,{diverging}:nan"})
     assert out.returncode == 0, out.stderr[-3000:]
-    trials = pd.read_parquet(tmp_path / "faults" / "trials.parquet").set_index("dataset")
-    assert trials.loc["alpaca", "status"] == "completed"
-    assert trials.loc["missing-file", "status"] == "failed"
-    assert "nowhere.jsonl" in trials.loc["missing-file", "error"]
-    assert trials.loc["dolly", "status"] == "diverged" and "non-finite" in trials.loc["dolly", "error"]
+    trials = pd.read_parquet(tmp_path / "faults" / "trials.parquet").set_index("trial_id")
+    assert trials.loc[ok, "status"] == "completed"
+    assert trials.loc[failing, "status"] == "failed" and "injected fault" in trials.loc[failing, "error"]
+    assert trials.loc[diverging, "status"] == "diverged" and "non-finite" in trials.loc[diverging, "error"]
+    diverged = json.loads((Path(trials.loc[diverging, "adapter_uri"]) / "tune_lfm_trial.json").read_text())
+    assert diverged["status"] == "diverged"  # its adapter is kept too, marked
+    assert pd.isna(trials.loc[failing, "adapter_uri"])
 
 
 def test_optuna_two_objective_search_stores_its_study(tmp_path):
     space = tmp_path / "mo.yaml"
     space.write_text("""
-fixed: {dataset: alpaca, max_steps: 60, num_examples: 640}
+fixed: {dataset: alpaca, max_steps: 20, num_examples: 640}
 sweep:
   learning_rate: {loguniform: [1.0e-4, 3.0e-3]}
   lora_targets: {choice: [hub_oproj, all_linear]}
@@ -87,7 +124,7 @@ search: {algorithm: optuna, sampler: nsga2, num_samples: 3, seed: 1, objectives:
 
 def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path):
     space = tmp_path / "seeds.yaml"
-    space.write_text("fixed: {dataset: alpaca, max_steps: 90, num_examples: 640}\n"
+    space.write_text("fixed: {dataset: alpaca, max_steps: 30, num_examples: 640}\n"
                      "sweep: {seed: {grid: [1, 2, 3, 4]}}\nresources: {max_concurrent: 1}\n")
     trials_file = tmp_path / "seeds" / "trials.parquet"
     driver = subprocess.Popen([sys.executable, "-m", "tune_lfm.search", str(space), "--storage", str(tmp_path),
@@ -111,11 +148,10 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path):
 
 def test_injected_oom_is_recorded_then_recovers_on_retry(tmp_path):
     space = tmp_path / "oom.yaml"
-    space.write_text("fixed: {dataset: alpaca, max_steps: 60, num_examples: 640}\nsweep: {seed: {grid: [1, 2]}}\n"
+    space.write_text("fixed: {dataset: alpaca, max_steps: 20, num_examples: 640}\nsweep: {seed: {grid: [1, 2]}}\n"
                      "max_failures: 1\n")
     plan = subprocess.run([sys.executable, "-m", "tune_lfm.search", str(space), "--dry-run", "--json", "--scale",
                            "tiny"], capture_output=True, text=True, check=True, env=ENV)
-    import json
 
     first, second = [row["trial_id"] for row in json.loads(plan.stdout)]
     env = {**ENV, "TUNE_LFM_FAULTS": f"{first}:oom,{second}:raise"}

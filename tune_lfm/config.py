@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -127,7 +128,9 @@ CHOICES = {
     "precision": ("auto", "bf16", "fp32"),
 }
 POSITIVE = ("num_examples", "eval_examples", "max_steps", "batch_size", "grad_accum", "max_length", "lora_rank",
-            "kl_batch_size", "logging_steps", "learning_rate", "micro_batch_size")
+            "kl_batch_size", "logging_steps", "learning_rate", "micro_batch_size", "lora_alpha")
+NON_NEGATIVE = ("warmup_steps", "weight_decay", "seed")
+"""Every float field must also be finite; `lora_dropout` is a probability in [0, 1); hub layer indices are >= 0."""
 
 
 def _type_name(tp: Any) -> str:
@@ -179,6 +182,23 @@ def _coerce(key: str, value: Any, tp: Any, where: str) -> Any:
     raise ConfigError(f"{where}: `{key}` must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
 
 
+def _check_ranges(checked: dict[str, Any], where: str) -> None:
+    """The numeric ranges a trial can run with (types are already checked)."""
+    for key, value in checked.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{where}: `{key}` must be a finite number, got {value!r}")
+    for key in POSITIVE:
+        if checked.get(key) is not None and checked[key] <= 0:
+            raise ConfigError(f"{where}: `{key}` must be > 0, got {checked[key]!r}")
+    for key in NON_NEGATIVE:
+        if checked.get(key) is not None and checked[key] < 0:
+            raise ConfigError(f"{where}: `{key}` must be >= 0, got {checked[key]!r}")
+    if not 0 <= checked.get("lora_dropout", 0.0) < 1:
+        raise ConfigError(f"{where}: `lora_dropout` is a probability in [0, 1), got {checked['lora_dropout']!r}")
+    if any(index < 0 for index in checked.get("hub_layers") or []):
+        raise ConfigError(f"{where}: `hub_layers` are decoder-layer indices (>= 0), got {checked['hub_layers']!r}")
+
+
 def config_from_dict(values: dict[str, Any], where: str = "config") -> TrialConfig:
     """Validate a mapping of field -> value into a TrialConfig; errors name `where`, the key and what is allowed."""
     if not isinstance(values, dict):
@@ -190,9 +210,7 @@ def config_from_dict(values: dict[str, Any], where: str = "config") -> TrialConf
     for key, allowed in CHOICES.items():
         if key in checked and checked[key] not in allowed:
             raise ConfigError(f"{where}: `{key}` is {checked[key]!r}; allowed: {', '.join(allowed)}")
-    for key in POSITIVE:
-        if checked.get(key) is not None and checked[key] <= 0:
-            raise ConfigError(f"{where}: `{key}` must be > 0, got {checked[key]!r}")
+    _check_ranges(checked, where)
     config = TrialConfig(**checked)
     if config.micro_batch_size is not None and config.effective_batch % config.micro_batch_size:
         raise ConfigError(f"{where}: `micro_batch_size` {config.micro_batch_size} must divide the effective batch "

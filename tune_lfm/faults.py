@@ -1,15 +1,19 @@
 """Fault injection for drills and tests: make chosen trials fail the way real ones do, without touching configs.
 
-`TUNE_LFM_FAULTS="<trial_id>:<kind>,..."` in the environment of the Ray workers (kinds: `raise`, `oom`, `nan`). Kept
-out of sweep YAML on purpose: nothing a config says is executed, and a production sweep cannot carry a fault by mistake.
-A fault fires on a trial's first attempt only, so retries show recovery.
+`TUNE_LFM_FAULTS="<trial_id>:<kind>,..."` in the environment of the Ray workers. Kinds: `raise` and `oom` raise before
+training; `nan` makes the loss non-finite; `kill` SIGKILLs the trial's own worker process right after its first step
+is reported (a real process death, as when the kernel's OOM killer or a segfault ends it). Kept out of sweep YAML on
+purpose: nothing a config says is executed, and a production sweep cannot carry a fault by mistake.
+A fault fires on a trial's first attempt only (the attempt number comes from Tune, see `tune_lfm.search`), so retries
+show recovery.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 
-KINDS = ("raise", "oom", "nan")
+KINDS = ("raise", "oom", "nan", "kill")
 
 
 def injected_fault(trial_id: str) -> str | None:
@@ -21,7 +25,7 @@ def injected_fault(trial_id: str) -> str | None:
 
 
 def fire(kind: str, attempt: int) -> dict | None:
-    """Raise for `raise` / `oom` on the first attempt; for `nan` return config changes that make the loss non-finite."""
+    """Before training: raise for `raise` / `oom`, or return config changes that make the loss non-finite (`nan`)."""
     if attempt > 1:
         return None
     if kind == "raise":
@@ -30,4 +34,12 @@ def fire(kind: str, attempt: int) -> dict | None:
         import torch
 
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected fault)")
-    return {"learning_rate": float("inf")}
+    if kind == "nan":
+        return {"learning_rate": float("inf")}
+    return None
+
+
+def fire_after_step(kind: str, attempt: int) -> None:
+    """After a step was reported: `kill` ends this worker process at once, with no cleanup, on the first attempt."""
+    if kind == "kill" and attempt == 1:
+        os.kill(os.getpid(), signal.SIGKILL)

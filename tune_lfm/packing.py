@@ -187,16 +187,19 @@ def leak_free_packing_enabled() -> bool:
 
 
 def _check_short_conv_keeps_sequences_apart(modeling_lfm2) -> None:
-    """Run a one-layer Lfm2ShortConv on two packed sequences and compare with each run alone."""
+    """Run a one-layer Lfm2ShortConv on two packed sequences and compare with each run alone.
+
+    It runs once per process, inside a trial: its random draws come from a forked generator, so they do not shift the
+    trial's LoRA initialisation (a fresh worker and a reused one would otherwise train different adapters)."""
     import transformers
 
     config = modeling_lfm2.Lfm2Config(hidden_size=8, num_hidden_layers=1, layer_types=["conv"], vocab_size=16,
                                       intermediate_size=16, num_attention_heads=2, num_key_value_heads=1)
-    torch.manual_seed(0)
-    conv = modeling_lfm2.Lfm2ShortConv(config, layer_idx=0).eval()
-    first, second = torch.randn(1, 3, 8), torch.randn(1, 4, 8)
-    seq_idx = torch.tensor([[0, 0, 0, 1, 1, 1, 1]], dtype=torch.int32)
-    with torch.no_grad():
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(0)
+        conv = modeling_lfm2.Lfm2ShortConv(config, layer_idx=0).eval()
+        first, second = torch.randn(1, 3, 8), torch.randn(1, 4, 8)
+        seq_idx = torch.tensor([[0, 0, 0, 1, 1, 1, 1]], dtype=torch.int32)
         packed = conv(torch.cat([first, second], dim=1), seq_idx=seq_idx)
         alone = torch.cat([conv(first), conv(second)], dim=1)
     if not torch.allclose(packed, alone, atol=1e-5):

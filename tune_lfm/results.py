@@ -1,7 +1,8 @@
 """The experiment's dataframes: `trials.parquet` (one row per trial) and `history.parquet` (one row per logged step).
 
 Both are rewritten whole, atomically (a temporary file renamed over the old one; an object PUT on S3/GCS), every time a
-trial finishes, so a crash or a concurrent reader never sees half a file and nothing already computed is lost.
+trial finishes, so a crash or a concurrent reader never sees half a file and nothing already computed is lost. Each
+rewrite merges with what is on storage first, so it never deletes rows it did not write.
 Readable by pandas, polars and DuckDB. Column definitions and units are in README.md ("What a trial reports").
 """
 
@@ -18,11 +19,14 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 TRIAL_COLUMNS = [
-    "trial_id", "sweep", "sweeps", "status", "error", "attempts", "scale", "model", "dataset", "optimizer",
-    "learning_rate", "lora_rank", "lora_alpha", "lora_targets", "hub_layers", "max_steps", "num_examples", "seed",
-    "trainable_params", "total_params", "train_loss", "eval_loss", "base_loss", "kl", "kl_p95", "hub_preserved",
+    "trial_id", "sweep", "sweeps", "status", "error", "attempts", "scale", "scale_rule", "lr_multiplier", "model",
+    "dataset", "optimizer", "learning_rate", "lora_rank", "lora_alpha", "lora_targets", "hub_layers", "max_steps",
+    "num_examples", "seed", "trainable_params", "total_params", "train_loss", "eval_loss", "eval_loss_se",
+    "base_loss", "base_loss_se", "improvement", "improvement_se", "eval_rows", "kl", "kl_se", "kl_p95",
+    "probe_loss", "probe_loss_se", "probe_base_loss", "probe_base_loss_se", "probe_improvement",
+    "probe_improvement_se", "hub_preserved",
     "hub_rank_corr", "hub_topk_jaccard", "tokens_trained", "tokens_per_s", "train_s", "prepare_s", "load_s", "eval_s",
-    "wall_s", "peak_mem_gb",
+    "wall_s", "peak_mem_gb", "adapter_uri", "adapter_bytes", "resumed_from_step",
     "rows_skipped", "rows_dropped", "train_rows", "steps_completed", "data_source_used", "device", "precision_used",
     "packing_used", "micro_batch_used", "gradient_checkpointing_used",
     "node_id", "hostname", "gpu_name", "started_at", "finished_at",
@@ -103,10 +107,23 @@ def check_writable(directory: str) -> None:
         raise StorageError(f"experiment storage {directory} is not writable: {err}") from err
 
 
+def experiment_exists(directory: str) -> bool:
+    """Whether anything was written under `directory` (a local path or a URI)."""
+    fs, path = filesystem(directory)
+    try:
+        return bool(fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)))
+    except NotADirectoryError:
+        return True
+    except OSError as err:
+        raise StorageError(f"cannot read {directory}: {err}") from err
+
+
 class ExperimentRecord:
     """Trial rows and step history of one experiment, kept in memory and flushed atomically after each change.
 
-    Rows already on disk (a resumed experiment) are loaded first and kept; a trial id appears at most once.
+    Rows already on storage (a resumed experiment) are loaded first and kept; a trial id appears at most once. Each
+    flush merges with what storage holds then: rows of trials this record did not write are taken from storage, so
+    a second writer's rows are never deleted, only the trials this record ran are replaced.
     """
 
     def __init__(self, directory: str):
@@ -119,21 +136,40 @@ class ExperimentRecord:
         )
         history = read_parquet(self.history_uri)
         self.history: list[dict[str, Any]] = history.to_dict("records") if history is not None else []
+        self.owned: set[str] = set()
+        """Trials whose row and history this record writes; every other trial's come from storage."""
 
     def finished_ids(self) -> set[str]:
         return {tid for tid, row in self.rows.items() if row.get("status") in ("completed", "diverged")}
 
-    def drop_history(self, trial_id: str) -> None:
-        """A trial (re)starting begins its history afresh: no steps of an interrupted attempt are kept twice."""
-        self.history = [row for row in self.history if row["trial_id"] != trial_id]
+    def drop_history(self, trial_id: str, after: int | None = None) -> None:
+        """A trial (re)starting begins its history afresh, or after step `after` when it resumes from a checkpoint
+        of that step: no step of an interrupted attempt is kept twice."""
+        self.owned.add(trial_id)
+        self.history = [row for row in self.history
+                        if row["trial_id"] != trial_id or (after is not None and row["step"] <= after)]
 
     def add_step(self, trial_id: str, step: dict[str, Any]) -> None:
+        self.owned.add(trial_id)
         self.history.append({"trial_id": trial_id, **{k: step.get(k) for k in HISTORY_COLUMNS[1:]}})
 
     def set_trial(self, row: dict[str, Any]) -> None:
+        self.owned.add(row["trial_id"])
         self.rows[row["trial_id"]] = row
         self.flush()
 
+    def _merge_storage(self) -> None:
+        stored = read_parquet(self.trials_uri)
+        for row in stored.to_dict("records") if stored is not None else []:
+            if row["trial_id"] not in self.owned:
+                self.rows[row["trial_id"]] = row
+        history = read_parquet(self.history_uri)
+        if history is not None:
+            theirs = [row for row in history.to_dict("records") if row["trial_id"] not in self.owned]
+            replaced = {row["trial_id"] for row in theirs}
+            self.history = theirs + [row for row in self.history if row["trial_id"] not in replaced]
+
     def flush(self) -> None:
+        self._merge_storage()
         write_parquet_atomic(trials_frame(list(self.rows.values())), self.trials_uri)
         write_parquet_atomic(history_frame(self.history), self.history_uri)

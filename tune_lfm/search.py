@@ -1,29 +1,42 @@
 """`python -m tune_lfm.search NAME|PATH`: a sweep from YAML, scheduled by Ray Tune, saved as trial dataframes.
 
-The only module that knows Ray. Grid and random sweeps are planned up front (so `--dry-run` shows exactly what will
-run and identical configs run once); Optuna samples as it goes. Each trial runs `tune_lfm.trial.run_trial` in a Ray
-worker, streams its step losses through `tune.report`, and a driver-side callback writes `trials.parquet` and
-`history.parquet` into the experiment directory after every trial.
+The module that drives Ray (`checkpoints` and `trackers` hold what trials leave on storage and where they are
+logged). Grid and random sweeps are planned up front (so `--dry-run` shows exactly what will run and identical configs
+run once); Optuna samples as it goes. Each trial runs `tune_lfm.trial.run_trial` in a Ray worker, streams its step
+losses through `tune.report`, reports its adapter as a checkpoint, and a driver-side callback writes `trials.parquet`
+and `history.parquet` into the experiment directory after every trial.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import shlex
+import shutil
+import signal
 import socket
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from typing import Any
 
 import yaml
 
+from .checkpoints import KEEP_ADAPTERS, ArtifactSettings, artifact_settings, prune_adapters
 from .config import ConfigError
-from .faults import fire, injected_fault
-from .results import ExperimentRecord, StorageError, check_writable
-from .spaces import PlannedTrial, Sweep, config_id, load_sweep, plan_trials, scaled_config
+from .determinism import start_trial
+from .faults import fire, fire_after_step, injected_fault
+from .interrupts import Interrupts, resume_command
+from .lock import ExperimentLock, in_use_error, live_holder
+from .models import ModelNotFoundError
+from .results import ExperimentRecord, StorageError, check_writable, experiment_exists
+from .spaces import PlannedTrial, Sweep, config_id, load_sweep, plan_trials, scale_metadata, scaled_config
 from .targets import needs_hub_layers, parse_spec, resolve_hub_layers, targets_for_model
+from .trackers import TRACKERS, check_trackers_installed, tracker_callbacks
+from .validate import check_sweep
 
 DEFAULT_STORAGE = "tune_lfm_results"
 SCALES = ("auto", "tiny", "full")
@@ -42,7 +55,16 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {pair!r}: expected key=value")
-        overrides[key.strip()] = yaml.safe_load(value)
+        try:
+            overrides[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"--set {pair!r}: the value is not valid YAML ({problem}); quote a string, e.g. "
+                              f"--set '{key.strip()}=\"...\"', or write a list as [a, b]") from None
+    from .config import config_from_dict
+
+    # each value on its own (the divisibility of micro_batch_size is checked with the rest of each trial's config)
+    config_from_dict({k: v for k, v in overrides.items() if k != "micro_batch_size"}, where="--set")
     return overrides
 
 
@@ -191,21 +213,21 @@ def trial_params(params: dict[str, Any]) -> dict[str, Any]:
     return params["trial"]
 
 
+def trial_dirname(trial) -> str:
+    """A trial's directory on storage (where its adapter checkpoint lies): our trial id, then Ray's."""
+    return f"{trial_params(trial.config)['trial_id']}-{trial.trial_id}"
+
+
 def _scalar(value: Any) -> Any:
     if isinstance(value, (dict, list, tuple)):
         return json.dumps(value, sort_keys=True, default=str)
     return value
 
 
-def _attempt_number() -> int:
-    """1 on a trial's first run, 2 on its first retry, ... (a marker file per attempt in the trial's directory)."""
-    from ray import tune
-
-    trial_dir = tune.get_context().get_trial_dir()
-    os.makedirs(trial_dir, exist_ok=True)
-    attempt = 1 + sum(name.startswith(".attempt-") for name in os.listdir(trial_dir))
-    open(os.path.join(trial_dir, f".attempt-{attempt}"), "w").close()
-    return attempt
+def attempt_number(params: dict[str, Any]) -> int:
+    """1 on a trial's first run, 2 on its first retry, ...: the driver counts Tune's retries (see `on_trial_recover`)
+    and passes the count in the trial's config, so it survives the death of the worker process that ran the trial."""
+    return int(params.get("attempt", 1))
 
 
 def _hardware() -> dict[str, Any]:
@@ -219,38 +241,57 @@ def _hardware() -> dict[str, Any]:
 def trainable(params: dict[str, Any]) -> None:
     """Ray Tune function trainable: one trial, step metrics while it trains, then the full result."""
     import ray
-    import torch
     from ray import tune
 
+    from .checkpoints import describe_adapter, trial_resume
     from .config import config_from_dict
     from .trial import run_trial
 
     params = trial_params(params)
-    torch.set_num_threads(max(1, int(params.get("_threads", 1))))
     config = config_from_dict(params["config"], where="trial config")
+    start_trial(config.seed, int(params.get("_threads", 1)))
     started = datetime.now(timezone.utc).isoformat()
+    attempt = attempt_number(params)
     fault = injected_fault(params["trial_id"])
     if fault:
-        config = config.replace(**(fire(fault, _attempt_number()) or {}))
+        config = dataclasses.replace(config, **(fire(fault, attempt) or {}))  # a fault may break the config's rules
 
     def report_step(step: dict[str, Any]) -> None:
         tune.report({"kind": "step", **step})
+        if fault:
+            fire_after_step(fault, attempt)
 
-    try:
-        result = run_trial(config, reporter=report_step, log=lambda line: print(line, flush=True),
-                           gpu_share=ray.get_runtime_context().get_assigned_resources().get("GPU"))
-    finally:  # the actor runs the next trial (reuse_actors)
-        _release_gpu_memory()
-    result.pop("history")
-    tune.report({"kind": "final", **{k: _scalar(v) for k, v in result.items()}, "loss": result["train_loss"],
-                 "started_at": started, "finished_at": datetime.now(timezone.utc).isoformat(), **_hardware()})
+    keep_adapter = params.get("_keep_adapters", "all") != "none"
+    resume = trial_resume(params.get("_checkpoint_every"))
+    with tempfile.TemporaryDirectory(prefix="tune_lfm_adapter_") as adapter_dir:
+        try:
+            result = run_trial(config, reporter=report_step, log=lambda line: print(line, flush=True),
+                               gpu_share=ray.get_runtime_context().get_assigned_resources().get("GPU"),
+                               save_adapter=adapter_dir if keep_adapter else None, resume=resume)
+        finally:  # the actor runs the next trial (reuse_actors)
+            _release_gpu_memory()
+            if resume and resume.start:
+                shutil.rmtree(resume.start, ignore_errors=True)
+        result.pop("history")
+        final = {"kind": "final", **{k: _scalar(v) for k, v in result.items()}, "loss": result["train_loss"],
+                 "started_at": started, "finished_at": datetime.now(timezone.utc).isoformat(), **_hardware()}
+        if resume:
+            final["resumed_from_step"] = resume.step
+        if keep_adapter:
+            final["adapter_bytes"] = describe_adapter(adapter_dir, params, result)
+        tune.report(final, checkpoint=tune.Checkpoint.from_directory(adapter_dir) if keep_adapter else None)
 
 
 # ---------------------------------------------------------------- recording results in the driver
 
-def results_callback(experiment_dir: str, meta: dict[str, Any], total: int):
-    """A Tune callback (driver side) that writes trials.parquet / history.parquet and prints a summary line."""
+def results_callback(experiment_dir: str, meta: dict[str, Any], total: int, stopping=lambda: False):
+    """A Tune callback (driver side) that writes trials.parquet / history.parquet and prints a summary line.
+
+    Once `stopping()` is true (the sweep was interrupted), trials that end with an error were stopped by us, not
+    failed: no row is written for them, and they run again on resume."""
     from ray.tune import Callback
+
+    from .checkpoints import adapter_uri, resumed_step
 
     class ResultsCallback(Callback):
         def setup(self, **info):
@@ -259,7 +300,14 @@ def results_callback(experiment_dir: str, meta: dict[str, Any], total: int):
             self.finished_before = len(self.record.finished_ids())
 
         def on_trial_start(self, iteration, trials, trial, **info):
-            self.record.drop_history(trial_params(trial.config)["trial_id"])
+            self.record.drop_history(trial_params(trial.config)["trial_id"], after=resumed_step(trial))
+
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            """Tune will run the trial again: its next actor gets the next attempt number in its config, and the
+            failed attempt's steps are dropped."""
+            params = trial_params(trial.config)
+            trial.set_config({**trial.config, "trial": {**params, "attempt": attempt_number(params) + 1}})
+            self.record.drop_history(params["trial_id"], after=resumed_step(trial))
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             params = trial_params(trial.config)
@@ -267,13 +315,16 @@ def results_callback(experiment_dir: str, meta: dict[str, Any], total: int):
                 self.record.add_step(params["trial_id"], result)
             elif result.get("kind") == "final":
                 fields = {k: v for k, v in result.items() if k in record_columns()}
-                self.record.set_trial({**fields, **meta, **_identity(params), "attempts": trial.num_failures + 1})
+                self.record.set_trial({**fields, **meta, **_identity(params), "attempts": attempt_number(params),
+                                       "adapter_uri": adapter_uri(experiment_dir, trial, result)})
                 self._summary(trials)
 
         def on_trial_error(self, iteration, trials, trial, **info):
+            if stopping():
+                return
             params = trial_params(trial.config)
             self.record.set_trial({**params["config"], **meta, **_identity(params), "status": "failed",
-                                   "error": _error_message(trial)[:2000], "attempts": trial.num_failures})
+                                   "error": _error_message(trial)[:2000], "attempts": attempt_number(params)})
             self._summary(trials)
 
         def _summary(self, trials) -> None:
@@ -317,11 +368,12 @@ def record_columns() -> set[str]:
 
 # ---------------------------------------------------------------- Ray wiring
 
-def _param_space_for_plan(trials: list[PlannedTrial], threads: int) -> dict[str, Any]:
+def _param_space_for_plan(trials: list[PlannedTrial], worker: dict[str, Any]) -> dict[str, Any]:
+    """`worker`: settings of how trials run that are not part of what they compute (threads, checkpoints)."""
     from ray import tune
 
     return {"trial": tune.grid_search([
-        {"config": t.config.to_dict(), "trial_id": t.trial_id, "sweeps": t.sweeps, "_threads": threads}
+        {"config": t.config.to_dict(), "trial_id": t.trial_id, "sweeps": t.sweeps, **worker}
         for t in trials])}
 
 
@@ -331,8 +383,8 @@ class OptunaSpace:
     A class rather than a closure because Ray pickles the searcher (and so this) when it saves experiment state.
     """
 
-    def __init__(self, sweep: Sweep, scale: str, overrides: dict[str, Any], threads: int):
-        self.sweep, self.scale, self.overrides, self.threads = sweep, scale, overrides, threads
+    def __init__(self, sweep: Sweep, scale: str, overrides: dict[str, Any], worker: dict[str, Any]):
+        self.sweep, self.scale, self.overrides, self.worker = sweep, scale, overrides, worker
 
     def __call__(self, trial) -> dict[str, Any]:
         from .config import config_from_dict
@@ -350,11 +402,14 @@ class OptunaSpace:
         config = scaled_config(config_from_dict({**values, **self.overrides}, where=self.sweep.source), self.scale)
         if config.hub_layers is None and needs_hub_layers(parse_spec(config.lora_targets)):
             config = config.replace(hub_layers=resolve_hub_layers(config.model, None))
+        # shown by optuna-dashboard beside the trial's values, to find its row, adapter and history
+        trial.set_user_attr("trial_id", config_id(config))
+        trial.set_user_attr("config", config.to_dict())
         return {"trial": {"config": config.to_dict(), "trial_id": config_id(config), "sweeps": [self.sweep.name],
-                          "_threads": self.threads}}
+                          **self.worker}}
 
 
-def _optuna_setup(sweep: Sweep, scale: str, overrides: dict[str, Any], threads: int, experiment_dir: str):
+def _optuna_setup(sweep: Sweep, scale: str, overrides: dict[str, Any], worker: dict[str, Any], experiment_dir: str):
     """OptunaSearch (TPE or NSGA-II, one or several objectives); its study lives in the experiment's optuna.db."""
     import optuna
     from ray.tune.search.optuna import OptunaSearch
@@ -366,19 +421,42 @@ def _optuna_setup(sweep: Sweep, scale: str, overrides: dict[str, Any], threads: 
         os.makedirs(experiment_dir, exist_ok=True)
         storage = optuna.storages.RDBStorage(f"sqlite:///{os.path.abspath(experiment_dir)}/optuna.db")
     metrics, modes = list(sweep.objectives), list(sweep.objectives.values())
+    if storage is not None:  # the study OptunaSearch loads, with its objectives named (optuna-dashboard's axes)
+        optuna.create_study(storage=storage, study_name=sweep.name, load_if_exists=True,
+                            directions=["minimize" if m == "min" else "maximize" for m in modes]
+                            ).set_metric_names(metrics)
     # Objectives always go as lists: OptunaSearch then ignores the per-step reports (which carry the step loss, not
     # the objectives) and tells Optuna the final values only.
-    return OptunaSearch(space=OptunaSpace(sweep, scale, overrides, threads), metric=metrics, mode=modes,
+    return OptunaSearch(space=OptunaSpace(sweep, scale, overrides, worker), metric=metrics, mode=modes,
                         sampler=sampler, storage=storage, study_name=sweep.name, seed=sweep.seed)
 
 
+LOOPBACK = "127.0.0.1"
+
+
 def _connect_ray(address: str | None):
+    """Join the cluster at `address`, or start Ray on this machine reachable from this machine only.
+
+    On Linux, Ray gives a node the machine's network address and its servers (GCS, raylet, workers, agents, the
+    dashboard's metrics exporter) listen on every interface. Ray's single-machine mode, the one it uses on macOS and
+    Windows, gives the node 127.0.0.1 and binds every server there; a local sweep needs nothing more.
+    """
     import ray
 
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(include_dashboard=False, dashboard_host="127.0.0.1", log_to_driver=True)
+        from ray._private import ray_constants
+
+        variable = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+        before = os.environ.get(variable)
+        os.environ[variable] = "0"  # for the processes Ray starts
+        ray_constants.ENABLE_RAY_CLUSTER = False  # read when ray was imported
+        try:
+            ray.init(_node_ip_address=LOOPBACK, include_dashboard=False, dashboard_host=LOOPBACK, log_to_driver=True)
+        finally:  # the processes have started; the rest of this process is unchanged
+            ray_constants.ENABLE_RAY_CLUSTER = True
+            os.environ.pop(variable) if before is None else os.environ.update({variable: before})
     return ray.cluster_resources()
 
 
@@ -425,49 +503,98 @@ def latest_experiment(storage: str, sweep_name: str) -> str | None:
     return dated[-1][1] if dated else None
 
 
-def run_search(args: argparse.Namespace) -> int:
-    from ray import tune
-
-    sweep = load_sweep(args.space)
-    overrides = parse_overrides(args.set)
-
-    if args.dry_run and not args.address:
-        scale = resolve_scale(args.scale, local_gpu_count())
-        if sweep.algorithm == "optuna":
-            print(f"{sweep.name}: optuna ({sweep.sampler}) search, {sweep.num_samples} trials over "
-                  f"{', '.join(sweep.dimensions)}; objectives {sweep.objectives}; scale {scale}")
-            return 0
-        print(describe_plan(with_hub_layers(plan_trials(sweep, scale, overrides)), args.json))
-        return 0
-
-    resources = _connect_ray(args.address)
-    cluster_gpus = resources.get("GPU", 0)
-    scale = resolve_scale(args.scale, cluster_gpus)
-    what = "embedded tiny-lfm2 model and embedded data, shrunk for CPU" if scale == "tiny" else "real model and data"
-    log(f"scale: {scale.upper()} ({what}); cluster: {resources.get('CPU', 0):.0f} CPUs, {cluster_gpus:g} GPUs")
-
+def choose_experiment(args: argparse.Namespace, sweep: Sweep, scale: str) -> tuple[str, str]:
+    """The experiment's name and directory; refuses to resume one that does not exist or to start over one that does
+    (which would run its finished trials again)."""
     storage = args.storage
     name = args.name or (latest_experiment(storage, sweep.name) if args.resume else None)
-    if args.resume and not name:
+    if args.resume == "required" and not name:
         raise ConfigError(f"--resume: no experiment of sweep '{sweep.name}' under {storage}; pass --name")
     name = name or f"{sweep.name}-{scale}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     experiment_dir = f"{storage.rstrip('/')}/{name}"
-    _refuse_local_storage_on_cluster(storage)
-    check_writable(experiment_dir)
-    storage_path = storage if "://" in storage else os.path.abspath(storage)
+    exists = experiment_exists(experiment_dir)
+    if args.resume == "required" and not exists:
+        raise ConfigError(f"--resume: there is no experiment {experiment_dir} to continue; check --storage and "
+                          "--name, or leave out --resume to start it")
+    if not args.resume and exists:
+        holder = live_holder(experiment_dir)
+        if holder:
+            raise in_use_error(experiment_dir, holder)
+        raise ConfigError(f"--name {name}: experiment {experiment_dir} already exists; continue it with --resume, or "
+                          "choose another --name")
+    return name, experiment_dir
 
+
+def run_search(args: argparse.Namespace) -> int:
+    """Check everything, then run the sweep while holding the experiment's lock; returns the exit code."""
+    sweep = load_sweep(args.space)
+    overrides = parse_overrides(args.set)
+    artifacts = artifact_settings(
+        args.keep_adapters or sweep.artifacts.keep_adapters,
+        args.checkpoint_every if args.checkpoint_every is not None else sweep.artifacts.checkpoint_every_steps,
+        "--keep-adapters/--checkpoint-every")
+    check_trackers_installed(args.log)
+    # A cluster decides the scale (auto: full iff it has GPUs); a local run knows it without starting Ray. A job
+    # submitted with `ray job submit` finds its cluster in RAY_ADDRESS.
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    resources = _connect_ray(address) if address else None
+    cluster_gpus = resources.get("GPU", 0) if resources else local_gpu_count()
+    scale = resolve_scale(args.scale, cluster_gpus)
+    planned = check_sweep(sweep, scale, overrides)  # everything a trial can know before compute
+    if args.dry_run:
+        if planned is None:
+            print(f"{sweep.name}: optuna ({sweep.sampler}) search, {sweep.num_samples} trials over "
+                  f"{', '.join(sweep.dimensions)}; objectives {sweep.objectives}; scale {scale}")
+        else:
+            print(describe_plan(with_hub_layers(planned), args.json))
+        return 0
+    name, experiment_dir = choose_experiment(args, sweep, scale)
+    resources = resources or _connect_ray(None)
+    what = "embedded tiny-lfm2 model and embedded data, shrunk for CPU" if scale == "tiny" else "real model and data"
+    log(f"scale: {scale.upper()} ({what}); cluster: {resources.get('CPU', 0):.0f} CPUs, {cluster_gpus:g} GPUs")
+    _refuse_local_storage_on_cluster(args.storage)
+    check_writable(experiment_dir)
+    argv = getattr(args, "argv", None) or sys.argv[1:]
+    with ExperimentLock(experiment_dir, shlex.join(["python", "-m", "tune_lfm.search", *argv]), log=log), \
+            Interrupts(log) as interrupts:
+        try:
+            total = run_sweep(args, sweep, scale, overrides, planned, experiment_dir, name, cluster_gpus, artifacts,
+                              interrupts)
+        except KeyboardInterrupt:
+            interrupts.received = interrupts.received or signal.SIGINT
+            total = len(planned) if planned is not None else sweep.num_samples
+        record = ExperimentRecord(experiment_dir)
+        if interrupts.received:
+            log(f"interrupted: {len(record.finished_ids())} of {total} finished -> {record.trials_uri}")
+            log(f"resume: {resume_command(argv, name)}")
+            return interrupts.exit_code
+    statuses = [row.get("status") for row in record.rows.values()]
+    log(f"finished: {statuses.count('completed')} completed, {statuses.count('diverged')} diverged, "
+        f"{statuses.count('failed')} failed -> {record.trials_uri}")
+    log(f"next: python -m tune_lfm.analysis {experiment_dir}")
+    return 0
+
+
+def run_sweep(args: argparse.Namespace, sweep: Sweep, scale: str, overrides: dict[str, Any],
+              planned: list[PlannedTrial] | None, experiment_dir: str, name: str, cluster_gpus: float,
+              artifacts: ArtifactSettings, interrupts: Interrupts) -> int:
+    """Prepare shared inputs and run the trials not yet finished on Ray Tune; returns the number of planned trials."""
+    from ray import tune
+
+    storage_path = args.storage if "://" in args.storage else os.path.abspath(args.storage)
     gpus = args.gpus_per_trial if args.gpus_per_trial is not None else sweep.resources.get("gpus_per_trial", "auto")
     if gpus == "auto" and (scale == "tiny" or cluster_gpus == 0):
         gpus = 0.0
     cpus = sweep.resources.get("cpus_per_trial") or (1 if scale == "tiny" else 2)
     if cpus == "auto":
         cpus = 1
-    threads = max(1, int(cpus))
+    worker = {"_threads": max(1, int(cpus)), "_keep_adapters": artifacts.keep_adapters,
+              "_checkpoint_every": artifacts.checkpoint_every_steps}
     atlas_device = "cpu" if gpus == 0 else None
     finished = ExperimentRecord(experiment_dir).finished_ids() if args.resume else set()
     if args.resume:
         log(f"resuming {experiment_dir}: {len(finished)} finished trials are kept and not run again")
-    if sweep.algorithm == "optuna":
+    if planned is None:
         # Step reports carry the running loss; the objectives arrive with the final report of each trial.
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
         from .config import config_from_dict
@@ -475,22 +602,22 @@ def run_search(args: argparse.Namespace) -> int:
         # the sweep's fixed model; a model chosen per trial gets its atlas computed by its first trial
         heaviest = scaled_config(config_from_dict({**sweep.fixed, **overrides}, where=sweep.source), scale)
         prepare_atlases([heaviest], atlas_device)
-        search_alg = _optuna_setup(sweep, scale, overrides, threads, experiment_dir)
+        search_alg = _optuna_setup(sweep, scale, overrides, worker, experiment_dir)
         param_space, total = {}, sweep.num_samples
         num_samples = max(sweep.num_samples - len(finished), 0)
     else:
-        planned = with_hub_layers(plan_trials(sweep, scale, overrides))
-        sizes = adapter_sizes(planned)  # also validates every target set against its model before anything runs
+        planned = with_hub_layers(planned)
+        sizes = adapter_sizes(planned)
         todo = longest_first([t for t in planned if t.trial_id not in finished])
         prepare_atlases([t.config for t in todo], atlas_device)
         prepare_shared_inputs([t.config for t in todo])
         heaviest = max(todo, default=planned[0], key=lambda t: (
             (t.config.micro_batch_size or t.config.batch_size) * t.config.max_length, sizes[t.trial_id])).config
-        param_space, total, search_alg = _param_space_for_plan(todo, threads), len(planned), None
+        param_space, total, search_alg = _param_space_for_plan(todo, worker), len(planned), None
         num_samples = 1 if todo else 0
     if num_samples == 0:
         log("nothing left to run")
-        return 0
+        return total
     if gpus == "auto":
         from .memory import MAX_TRIALS_PER_GPU
 
@@ -498,7 +625,7 @@ def run_search(args: argparse.Namespace) -> int:
     max_concurrent = args.max_concurrent or sweep.resources.get("max_concurrent")
     log(f"experiment: {experiment_dir}; per trial {cpus} CPU, {gpus:g} GPU; max concurrent "
         f"{max_concurrent or 'as resources allow'}")
-    meta = {"scale": scale, "gpus_per_trial": gpus}
+    meta = {**scale_metadata(scale), "gpus_per_trial": gpus}
     scheduler = None
     if sweep.scheduler:
         from ray.tune.schedulers import ASHAScheduler
@@ -506,22 +633,22 @@ def run_search(args: argparse.Namespace) -> int:
         s = sweep.scheduler
         scheduler = ASHAScheduler(metric=s["metric"], mode=s["mode"], time_attr="step", max_t=10**9,
                                   grace_period=s["grace_period"], reduction_factor=s["reduction_factor"])
-    run_config = tune.RunConfig(name=name, storage_path=storage_path, verbose=1,
-                                callbacks=[results_callback(experiment_dir, meta, total)],
-                                failure_config=tune.FailureConfig(max_failures=sweep.max_failures))
+    callback = results_callback(experiment_dir, meta, total, stopping=lambda: interrupts.received is not None)
+    trackers = tracker_callbacks(args.log, experiment_dir, name, sweep.name, log) if args.log else []
+    run_config = tune.RunConfig(name=name, storage_path=storage_path, verbose=1, callbacks=[callback, *trackers],
+                                failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
+                                checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
     _keep_credentials_out_of_trial_runtime_envs()
     tuner = tune.Tuner(tune.with_resources(trainable, {"cpu": cpus, "gpu": gpus}), param_space=param_space,
                        run_config=run_config,
                        tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, num_samples=num_samples,
                                                    max_concurrent_trials=max_concurrent,
+                                                   trial_dirname_creator=trial_dirname,
                                                    reuse_actors=True))
     tuner.fit()
-    record = ExperimentRecord(experiment_dir)
-    statuses = [row.get("status") for row in record.rows.values()]
-    log(f"finished: {statuses.count('completed')} completed, {statuses.count('diverged')} diverged, "
-        f"{statuses.count('failed')} failed -> {record.trials_uri}")
-    log(f"next: python -m tune_lfm.analysis {experiment_dir}")
-    return 0
+    if not interrupts.received:  # the fronts of a finished sweep decide which adapters stay
+        prune_adapters(experiment_dir, artifacts.keep_adapters, log)
+    return total
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -533,21 +660,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--address", help="Ray cluster address (e.g. ray://head:10001 or auto); default: local Ray")
     parser.add_argument("--storage", default=DEFAULT_STORAGE, help="experiment root: a directory, s3://, gs://")
     parser.add_argument("--name", help="experiment name (default: <sweep>-<scale>-<timestamp>)")
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted experiment (latest or --name)")
+    parser.add_argument("--resume", action="store_const", const="required",
+                        help="continue an interrupted experiment (latest or --name); it must exist")
+    parser.add_argument("--resume-if-exists", dest="resume", action="store_const", const="if-exists",
+                        help="continue --name if it exists, else start it (for jobs that are retried)")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved trials and exit")
     parser.add_argument("--json", action="store_true", help="with --dry-run: JSON output")
     parser.add_argument("--max-concurrent", type=int, help="at most N trials at once")
     parser.add_argument("--gpus-per-trial", type=float, help="GPU fraction per trial (default from model size)")
+    parser.add_argument("--keep-adapters", choices=KEEP_ADAPTERS,
+                        help="trial adapters kept on storage: all (default), pareto (the analysis's fronts) or none")
+    parser.add_argument("--checkpoint-every", type=int, metavar="N",
+                        help="save a resume checkpoint every N steps; a retried trial continues from it")
+    parser.add_argument("--log", action="append", default=[], choices=TRACKERS,
+                        help="stream step losses and final metrics to a tracker (repeatable; see tune_lfm.trackers)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a trial setting in every trial, e.g. --set max_steps=50")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return run_search(args)
-    except (ConfigError, StorageError) as err:
+    except (ConfigError, StorageError, ModelNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

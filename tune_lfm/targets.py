@@ -185,7 +185,23 @@ def targets_for_model(model_name: str, lora_targets: Any, hub_layers: list[int] 
 
 def parse_targets_arg(text: str) -> Any:
     """`hub_all`, or an inline YAML/JSON spec such as `{modules: [out_proj], layers: [2, 4]}`."""
-    return text if text in TARGET_PRESETS else yaml.safe_load(text)
+    if text in TARGET_PRESETS:
+        return text
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"--targets {text!r}: not a preset ({', '.join(TARGET_PRESETS)}) and not valid YAML "
+                          f"({problem}); e.g. --targets '{{modules: [out_proj], layers: [2, 4]}}'") from None
+
+
+def parse_layers_arg(text: str, flag: str = "--hub-layers") -> list[int]:
+    """`2,3,4,5` -> [2, 3, 4, 5]; anything else is an error naming the flag."""
+    try:
+        return [int(item) for item in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r}: expected comma-separated decoder-layer indices, e.g. {flag} 2,3,4,5") \
+            from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,8 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hub-layers", help="comma-separated decoder-layer indices, e.g. 2,3,4,5")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
-    hub_layers = [int(i) for i in args.hub_layers.split(",")] if args.hub_layers else None
     try:
+        hub_layers = parse_layers_arg(args.hub_layers) if args.hub_layers else None
         resolved = targets_for_model(args.model, parse_targets_arg(args.targets), hub_layers)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -22,9 +22,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from .config import FIELD_NAMES, ConfigError, TrialConfig, config_from_dict, load_config_file
-from .targets import ResolvedTargets, parse_targets_arg
+from .progress import StepProgress
+from .spaces import scale_metadata, scaled_config
+from .targets import ResolvedTargets, parse_layers_arg, parse_targets_arg
+from .validate import check_output_dir, check_trial
 
 if TYPE_CHECKING:
+    from .checkpoints import Resume
     from .memory import MicroBatchPlan
 
 Reporter = Callable[[dict[str, Any]], None]
@@ -138,18 +142,21 @@ def hub_preservation(model, tokenizer, config: TrialConfig, log: Callable[[str],
     return preservation(model, atlas, tokenizer, log=log)
 
 
-def _step_recorder(reporter: Reporter | None):
-    """A TrainerCallback that logs every step, stops on a non-finite loss, and forwards steps to `reporter`."""
+def _step_recorder(reporter: Reporter | None, earlier: list[dict[str, Any]]):
+    """A TrainerCallback that logs every step, stops on a non-finite loss, and forwards steps to `reporter`.
+
+    `earlier` are the rows of the steps before a resume checkpoint; the clock goes on from their last elapsed time.
+    """
     from transformers import TrainerCallback
 
     class StepRecorder(TrainerCallback):
         def __init__(self):
-            self.history: list[dict[str, Any]] = []
+            self.history: list[dict[str, Any]] = list(earlier)
             self.diverged_at: int | None = None
             self.started = self.finished = 0.0
 
         def on_train_begin(self, args, state, control, **kwargs):
-            self.started = time.perf_counter()
+            self.started = time.perf_counter() - (self.history[-1]["elapsed_s"] if self.history else 0.0)
 
         def on_train_end(self, args, state, control, **kwargs):
             self.finished = time.perf_counter()
@@ -173,8 +180,22 @@ def _step_recorder(reporter: Reporter | None):
     return StepRecorder()
 
 
+def _checkpoint_forwarder(resume: Resume, recorder):
+    """A TrainerCallback that hands each Trainer checkpoint (adapter, optimizer, scheduler, RNG, step) and the
+    history so far to `resume.save`; the one saved at the last step is not needed, the finished trial reports."""
+    from transformers import TrainerCallback
+
+    class CheckpointForwarder(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step < state.max_steps and recorder.diverged_at is None:
+                folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+                resume.save(folder, state.global_step, recorder.history)
+
+    return CheckpointForwarder()
+
+
 def _sft_config(config: TrialConfig, plan: MicroBatchPlan, packing: bool, output_dir: str, bf16: bool,
-                progress: bool):
+                save_every: int | None = None):
     from trl import SFTConfig
 
     from .optim import uses_own_schedule
@@ -188,8 +209,10 @@ def _sft_config(config: TrialConfig, plan: MicroBatchPlan, packing: bool, output
         warmup_steps=config.warmup_steps, weight_decay=config.weight_decay, **layout,
         gradient_checkpointing=plan.gradient_checkpointing, torch_compile=config.torch_compile, bf16=bf16, fp16=False,
         seed=config.seed, data_seed=config.seed, logging_steps=config.logging_steps, logging_nan_inf_filter=False,
-        include_num_input_tokens_seen="non_padding", save_strategy="no", eval_strategy="no", report_to="none",
-        disable_tqdm=not progress, dataloader_num_workers=0, use_cpu=not _cuda_available(),
+        include_num_input_tokens_seen="non_padding", eval_strategy="no", report_to="none",
+        **({"save_strategy": "steps", "save_steps": save_every, "save_total_limit": 1} if save_every
+           else {"save_strategy": "no"}),
+        disable_tqdm=True, dataloader_num_workers=0, use_cpu=not _cuda_available(),
     )
 
 
@@ -252,11 +275,13 @@ def measure_trial_memory(config: TrialConfig, log: Callable[[str], None] = print
 
 
 def run_trial(config: TrialConfig, reporter: Reporter | None = None, save_adapter: str | None = None,
-              progress: bool = False, log: Callable[[str], None] = print,
-              gpu_share: float | None = None) -> dict[str, Any]:
+              log: Callable[[str], None] = print,
+              gpu_share: float | None = None, resume: Resume | None = None) -> dict[str, Any]:
     """Train one adapter and measure it. Raises on bad input; a NaN/inf loss returns status `diverged`.
 
     `gpu_share` is the fraction of the GPU this trial may use when trials share one (Ray's fractional GPUs).
+    `resume` checkpoints every N steps and may continue from an earlier attempt's checkpoint (see
+    `tune_lfm.checkpoints`); the result is the same run's.
     """
     from datasets import Dataset
     from transformers import PrinterCallback, set_seed
@@ -287,14 +312,16 @@ def run_trial(config: TrialConfig, reporter: Reporter | None = None, save_adapte
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
 
-    recorder = _step_recorder(reporter)
+    recorder = _step_recorder(reporter, resume.history if resume else [])
+    callbacks = [recorder, _checkpoint_forwarder(resume, recorder)] if resume else [recorder]
     optimizer = build_optimizer(config.optimizer, model.parameters(), config.learning_rate, config.weight_decay)
     with tempfile.TemporaryDirectory(prefix="tune_lfm_trial_") as output_dir:
-        trainer = SFTTrainer(model=model, args=_sft_config(config, plan, packing, output_dir, bf16, progress),
+        trainer = SFTTrainer(model=model, args=_sft_config(config, plan, packing, output_dir, bf16,
+                                                           resume.every if resume else None),
                              train_dataset=Dataset.from_list(data.train), processing_class=tokenizer,
-                             optimizers=(optimizer, None), callbacks=[recorder])
+                             optimizers=(optimizer, None), callbacks=callbacks)
         trainer.remove_callback(PrinterCallback)  # it prints log dicts to stdout, where our JSON goes
-        trainer.train()
+        trainer.train(resume_from_checkpoint=resume.start if resume else None)
     prepare_for_eval(optimizer)
     model.eval()
     eval_start = time.perf_counter()
@@ -303,13 +330,16 @@ def run_trial(config: TrialConfig, reporter: Reporter | None = None, save_adapte
         f"{len(data.probe)} probe conversations, then the hub check")
 
     pad = tokenizer.pad_token_id
-    eval_loss = metrics.mean_token_loss(model, data.eval, config.kl_batch_size, pad, device, adapter=True)
-    base_loss = metrics.mean_token_loss(model, data.eval, config.kl_batch_size, pad, device, adapter=False)
-    kl = metrics.kl_summary(metrics.per_token_kl(model, data.probe, config.kl_batch_size, pad, device))
+    heldout = metrics.heldout_measures(model, data.eval, config.kl_batch_size, pad, device)
+    probe = metrics.probe_measures(model, data.probe, config.kl_batch_size, pad, device)
     hub = hub_preservation(model, tokenizer, config, log)
     eval_s = time.perf_counter() - eval_start
+    adapter_error = None
     if save_adapter:
-        model.save_pretrained(save_adapter)
+        try:
+            model.save_pretrained(save_adapter)
+        except OSError as err:  # the measurements stand; the caller reports the adapter that could not be saved
+            adapter_error = f"could not save the adapter to {save_adapter}: {err}"
 
     train_s = recorder.finished - recorder.started
     tokens = int(trainer.state.num_input_tokens_seen)
@@ -318,7 +348,7 @@ def run_trial(config: TrialConfig, reporter: Reporter | None = None, save_adapte
         "lora_alpha": config.resolved_lora_alpha, "lora_targets": config.targets_label(),
         "status": "diverged" if recorder.diverged_at is not None else "completed",
         "error": f"non-finite loss at step {recorder.diverged_at}" if recorder.diverged_at is not None else None,
-        "train_loss": _train_loss(recorder.history), "eval_loss": eval_loss, "base_loss": base_loss, **kl, **hub,
+        "train_loss": _train_loss(recorder.history), **heldout, **probe, **hub,
         "trainable_params": trainable, "total_params": total, "target_modules": len(targets.module_names),
         "target_layers": list(targets.layers), "steps_completed": int(trainer.state.global_step),
         "tokens_trained": tokens, "train_s": train_s, "tokens_per_s": tokens / train_s if train_s > 0 else math.nan,
@@ -329,6 +359,8 @@ def run_trial(config: TrialConfig, reporter: Reporter | None = None, save_adapte
         "micro_batch_used": plan.micro_batch, "gradient_checkpointing_used": plan.gradient_checkpointing,
         "precision_used": "bf16" if bf16 else "fp32", "history": recorder.history,
     }
+    if save_adapter:
+        result["adapter_error"] = adapter_error
     return result
 
 
@@ -338,7 +370,7 @@ def _cli_overrides(args: argparse.Namespace) -> dict[str, Any]:
                "num_examples": args.num_examples, "seed": args.seed, "max_length": args.max_length,
                "batch_size": args.batch_size, "grad_accum": args.grad_accum, "data_source": args.data_source}
     if args.hub_layers:
-        mapping["hub_layers"] = [int(i) for i in args.hub_layers.split(",")]
+        mapping["hub_layers"] = parse_layers_arg(args.hub_layers)
     return {key: value for key, value in mapping.items() if value is not None}
 
 
@@ -360,6 +392,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grad-accum", type=int)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--data-source", choices=["auto", "embedded", "hub"])
+    parser.add_argument("--scale", choices=["tiny", "full"], default="full",
+                        help="full: the settings as given; tiny: shrink them exactly as a tiny-scale sweep does "
+                             "(embedded model and data, see README 'Tiny scale'). A preset written by the analysis "
+                             "already holds the settings as run: give it without --scale")
     parser.add_argument("--save-adapter", metavar="DIR")
     parser.add_argument("--history", action="store_true", help="include the per-step history in the JSON")
     args = parser.parse_args(argv)
@@ -369,15 +405,24 @@ def main(argv: list[str] | None = None) -> int:
         overrides = _cli_overrides(args)
         if "lora_targets" in overrides:
             overrides["lora_targets"] = parse_targets_arg(overrides["lora_targets"])
-        config = config_from_dict({**base, **overrides}, where=args.config or "command line")
-        result = run_trial(config, save_adapter=args.save_adapter, progress=sys.stderr.isatty(),
+        config = scaled_config(config_from_dict({**base, **overrides}, where=args.config or "command line"),
+                               args.scale)
+        check_trial(config, args.config or "command line")
+        if args.save_adapter:
+            check_output_dir(args.save_adapter, "--save-adapter")
+        result = run_trial(config, reporter=StepProgress(config.max_steps), save_adapter=args.save_adapter,
                            log=lambda line: print(line, file=sys.stderr))
+        if args.scale == "tiny":
+            result.update(scale_metadata(args.scale))
     except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if not args.history:
         result.pop("history")
     print(json.dumps(result, indent=2, default=str))
+    if result.get("adapter_error"):
+        print(f"error: {result['adapter_error']}", file=sys.stderr)
+        return 1
     return 0 if result["status"] == "completed" else 1
 
 

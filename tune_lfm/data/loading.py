@@ -141,14 +141,31 @@ def embedded_conversations(name: str, part: str) -> list[list[dict]]:
     return list(_conversations(_embedded_rows(spec)[parts[part]], spec.source_format, _Tally()))
 
 
-def _load_local(spec: DatasetSpec, num_train: int, num_eval: int, seed: int) -> LoadedData:
+def _local_rows(spec: DatasetSpec) -> Iterator[dict | MalformedRow]:
     path = Path(spec.path)
     if path.suffix not in LOCAL_SUFFIXES:
         raise ValueError(f"dataset '{spec.name}': local path {path} must end with one of {list(LOCAL_SUFFIXES)}")
     if not path.is_file():
         raise FileNotFoundError(f"dataset '{spec.name}': local file {path} does not exist")
-    rows = _jsonl_rows(path) if path.suffix == ".jsonl" else _parquet_rows(path)
-    return _select(spec, rows, None, num_train, num_eval, seed, f"path:{path}")
+    return _jsonl_rows(path) if path.suffix == ".jsonl" else _parquet_rows(path)
+
+
+def _load_local(spec: DatasetSpec, num_train: int, num_eval: int, seed: int) -> LoadedData:
+    return _select(spec, _local_rows(spec), None, num_train, num_eval, seed, f"path:{spec.path}")
+
+
+def check_local_rows(spec: DatasetSpec, needed: int) -> None:
+    """Fail unless the local file of ``spec`` exists and holds ``needed`` rows that become valid conversations.
+
+    Reads only until it has found them (a cheap check before a sweep starts, not a second load).
+    """
+    tally = _Tally()
+    found = sum(1 for _ in itertools.islice(_conversations(_local_rows(spec), spec.source_format, tally), needed))
+    if found < needed:
+        reasons = ", ".join(f"{count} {reason}" for reason, count in tally.reasons.most_common(3)) or "no rows"
+        raise ValueError(f"dataset '{spec.name}': {spec.path} has {found} usable row(s) in format "
+                         f"'{spec.source_format}' ({reasons}); a trial holds out the first {needed - 1} and needs at "
+                         "least one more to train on")
 
 
 def default_cache_dir() -> Path:

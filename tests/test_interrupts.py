@@ -1,0 +1,87 @@
+"""A sweep stopped by Ctrl-C or SIGTERM says so, keeps what finished and prints the command that resumes it; while
+it runs, a second driver on the same experiment is refused with the first one's name."""
+
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+
+pytestmark = pytest.mark.slow
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "RAY_DEDUP_LOGS": "0"}
+SPACE = ("fixed: {dataset: alpaca, max_steps: 90, num_examples: 320, lora_targets: o_proj}\n"
+         "sweep: {seed: {grid: [1, 2, 3, 4, 5]}}\nresources: {max_concurrent: 1}\n")
+
+
+def start(command: list[str], log):
+    return subprocess.Popen(command, env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_for(condition, driver, timeout=400):
+    deadline = time.time() + timeout
+    while not condition():
+        assert driver.poll() is None, "the driver ended before the condition held"
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.5)
+
+
+def finished_rows(trials_file) -> int:
+    return len(pd.read_parquet(trials_file)) if trials_file.exists() else 0
+
+
+def test_interrupted_sweep_reports_and_resumes_and_the_experiment_has_one_writer(tmp_path):
+    space = tmp_path / "seeds.yaml"
+    space.write_text(SPACE)
+    trials_file = tmp_path / "exp" / "trials.parquet"
+    command = [sys.executable, "-m", "tune_lfm.search", str(space), "--storage", str(tmp_path), "--name", "exp",
+               "--scale", "tiny"]
+    log = tmp_path / "first.log"
+    with open(log, "w") as sink:
+        first = start(command, sink)
+    try:
+        wait_for(lambda: "experiment: " in log.read_text(), first)  # it holds the lock and starts its trials
+        second = subprocess.run([*command, "--resume"], capture_output=True, text=True, env=ENV, timeout=300)
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert f"is in use by another driver (host {os.uname().nodename}, pid {first.pid}" in second.stderr
+        wait_for(lambda: finished_rows(trials_file) >= 1, first)
+        os.killpg(first.pid, signal.SIGINT)  # Ctrl-C in the terminal: the driver's whole process group
+        assert first.wait(timeout=300) == 130, log.read_text()[-3000:]
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    output = log.read_text()
+    done = finished_rows(trials_file)
+    assert re.search(rf"interrupted: {done} of 5 finished", output), output[-3000:]
+    assert "finished: " not in output and 1 <= done < 5
+    resume = re.search(r"resume: (.*)", output).group(1)
+    assert shlex.split(resume)[:3] == ["python", "-m", "tune_lfm.search"] and resume.endswith("--name exp --resume")
+
+    log = tmp_path / "second.log"
+    with open(log, "w") as sink:
+        again = start([sys.executable, *shlex.split(resume)[1:]], sink)
+    try:
+        wait_for(lambda: "experiment: " in log.read_text(), again)
+        time.sleep(3)
+        os.kill(again.pid, signal.SIGTERM)  # as a job scheduler or `kill` stops it
+        assert again.wait(timeout=300) == 143, log.read_text()[-3000:]
+    finally:
+        if again.poll() is None:
+            os.killpg(again.pid, signal.SIGKILL)
+    assert re.search(r"interrupted: \d of 5 finished", log.read_text())
+    kept = pd.read_parquet(trials_file).set_index("trial_id")
+    assert set(kept["status"]) == {"completed"}  # trials stopped by the interrupt are not recorded as failed
+
+    final = subprocess.run([sys.executable, *shlex.split(resume)[1:]], capture_output=True, text=True, env=ENV,
+                           timeout=600)
+    assert final.returncode == 0, final.stderr[-3000:]
+    trials = pd.read_parquet(trials_file).set_index("trial_id")
+    assert len(trials) == 5 and trials.index.is_unique and set(trials["status"]) == {"completed"}
+    for trial_id, row in kept.iterrows():
+        assert trials.loc[trial_id, "finished_at"] == row["finished_at"]  # finished trials were not run again
+    history = pd.read_parquet(tmp_path / "exp" / "history.parquet")
+    assert not history.duplicated(["trial_id", "step"]).any() and set(history["trial_id"]) == set(trials.index)

@@ -1,0 +1,112 @@
+"""`--log mlflow|tensorboard|wandb`: every trial's step losses and final metrics, streamed by Ray Tune's logger
+callbacks (MLflowLoggerCallback, TBXLoggerCallback, WandbLoggerCallback) from the driver.
+
+A trial reports three kinds of results (`kind`: step, checkpoint, final). Trackers get numbers only, named as in the
+experiment's dataframes: each step's row of history.parquet as `step/<column>` at that optimizer step, and the
+trial's measured metrics (trials.parquet's columns; booleans as 0/1) at its last step. Config values go in as
+parameters (MLflow params, TensorBoard hparams, W&B config), never as metrics.
+
+Where the runs go: MLflow to `MLFLOW_TRACKING_URI` if set, else a SQLite store `mlflow.db` in the experiment
+directory (in the working directory when the experiment is on object storage); TensorBoard event files into each
+trial's directory of the experiment; W&B to the project named after the sweep, offline when `WANDB_MODE=offline`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+from typing import Any
+
+from .config import FIELD_NAMES, ConfigError
+from .results import HISTORY_COLUMNS, TRIAL_COLUMNS
+
+TRACKERS = ("mlflow", "tensorboard", "wandb")
+STEP_PREFIX = "step/"
+
+
+def _final_metric_names() -> tuple[str, ...]:
+    from .atlas import PRESERVATION_KEYS
+
+    return tuple(c for c in (*TRIAL_COLUMNS, *PRESERVATION_KEYS) if c not in FIELD_NAMES)
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def tracked_metrics(result: dict[str, Any]) -> dict[str, Any] | None:
+    """What trackers get from one Tune result: numeric metrics and `training_iteration` = the optimizer step (the
+    x axis of every tracker); None for results that carry no metrics of their own (resume checkpoints)."""
+    if result.get("kind") == "step":
+        names, step = [(f"{STEP_PREFIX}{c}", c) for c in HISTORY_COLUMNS[2:]], result["step"]
+    elif result.get("kind") == "final":
+        names, step = [(c, c) for c in _final_metric_names()], result.get("steps_completed") or 0
+    else:
+        return None
+    metrics = {name: _number(result.get(key)) for name, key in names}
+    return {**{k: v for k, v in metrics.items() if v is not None}, "training_iteration": int(step)}
+
+
+class _TrackedMetricsOnly:
+    """Hands a Ray logger callback `tracked_metrics(result)` instead of the raw result."""
+
+    def log_trial_result(self, iteration: int, trial, result: dict[str, Any]):
+        tracked = tracked_metrics(result)
+        if tracked is not None:
+            super().log_trial_result(iteration, trial, tracked)
+
+
+def _tracked(callback_class: type) -> type:
+    """`callback_class` fed through `tracked_metrics` (made here so that importing this module does not load Ray)."""
+    return type(f"Tracked{callback_class.__name__}", (_TrackedMetricsOnly, callback_class), {"__module__": __name__})
+
+
+def mlflow_tracking_uri(experiment_dir: str) -> str:
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    local = experiment_dir if "://" not in experiment_dir else os.path.basename(experiment_dir.rstrip("/"))
+    os.makedirs(local, exist_ok=True)
+    return f"sqlite:///{os.path.abspath(local)}/mlflow.db"
+
+
+def check_trackers_installed(names: list[str]) -> None:
+    """Before anything runs: each `--log` name is known and its package installed (ConfigError, exit 2, if not)."""
+    packages = {"mlflow": ("mlflow", "mlflow-skinny"), "tensorboard": ("tensorboardX", "tensorboardX"),
+                "wandb": ("wandb", "wandb")}
+    for name in names:
+        if name not in TRACKERS:
+            raise ConfigError(f"--log {name}: unknown tracker; allowed: {', '.join(TRACKERS)}")
+        module, package = packages[name]
+        if importlib.util.find_spec(module) is None:
+            raise ConfigError(f"--log {name}: the {module} package is not installed; pip install {package}")
+
+
+def tracker_callbacks(names: list[str], experiment_dir: str, experiment: str, sweep: str, log) -> list:
+    """The Ray logger callbacks for `--log` names (see `check_trackers_installed`)."""
+    check_trackers_installed(names)
+    callbacks = []
+    for name in dict.fromkeys(names):
+        if name == "mlflow":
+            uri = mlflow_tracking_uri(experiment_dir)
+            log(f"mlflow: experiment {experiment} at {uri}")
+            from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+            callbacks.append(_tracked(MLflowLoggerCallback)(tracking_uri=uri, experiment_name=experiment,
+                                                            tags={"tune_lfm_sweep": sweep}))
+        elif name == "tensorboard":
+            log(f"tensorboard: event files in each trial's directory; tensorboard --logdir {experiment_dir}")
+            from ray.tune.logger import TBXLoggerCallback
+
+            callbacks.append(_tracked(TBXLoggerCallback)())
+        else:
+            mode = os.environ.get("WANDB_MODE", "online")
+            log(f"wandb: project {sweep}, group {experiment} (WANDB_MODE={mode})")
+            from ray.air.integrations.wandb import WandbLoggerCallback
+
+            callbacks.append(_tracked(WandbLoggerCallback)(project=sweep, group=experiment))
+    return callbacks
