@@ -213,7 +213,7 @@ def test_replayed_ablation_equals_skipping_the_layer_in_a_full_pass(tokenizer):
     replaced by its input (the definition of ablation) must give the same losses, and no layer stays patched."""
     from tune_lfm import metrics
     from tune_lfm.atlas.scores import measure, probe_examples
-    from tune_lfm.targets import decoder_layers
+    from tune_lfm.layers import decoder_layers
 
     model = load_model(TINY, torch.float32, "cpu").eval()
     examples = probe_examples(tokenizer, 96)[:3]

@@ -33,8 +33,8 @@ from .interrupts import Interrupts, resume_command
 from .lock import ExperimentLock, in_use_error, live_holder
 from .models import ModelNotFoundError
 from .results import ExperimentRecord, StorageError, check_writable, experiment_exists
-from .spaces import PlannedTrial, Sweep, config_id, load_sweep, plan_trials, scale_metadata, scaled_config
-from .targets import needs_hub_layers, parse_spec, resolve_hub_layers, targets_for_model
+from .spaces import PlannedTrial, Sweep, config_id, load_sweep, scale_metadata, scaled_config
+from .targets import needs_hub_layers, parse_spec, targets_for_model
 from .trackers import TRACKERS, check_trackers_installed, tracker_callbacks
 from .validate import check_sweep
 
@@ -70,6 +70,8 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 
 def with_hub_layers(trials: list[PlannedTrial]) -> list[PlannedTrial]:
     """Resolve each model's hub layers once, before any trial starts, and write them into every trial that uses them."""
+    from .atlas import resolve_hub_layers
+
     hubs: dict[str, list[int]] = {}
     for trial in trials:
         config = trial.config
@@ -400,8 +402,7 @@ class OptunaSpace:
             else:
                 values[key] = trial.suggest_int(key, int(dim.values[0]), int(dim.values[1]) - 1)
         config = scaled_config(config_from_dict({**values, **self.overrides}, where=self.sweep.source), self.scale)
-        if config.hub_layers is None and needs_hub_layers(parse_spec(config.lora_targets)):
-            config = config.replace(hub_layers=resolve_hub_layers(config.model, None))
+        config = with_hub_layers([PlannedTrial(config, [self.sweep.name])])[0].config
         # shown by optuna-dashboard beside the trial's values, to find its row, adapter and history
         trial.set_user_attr("trial_id", config_id(config))
         trial.set_user_attr("config", config.to_dict())

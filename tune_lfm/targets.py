@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from .config import ConfigError
+from .layers import decoder_layers, layer_types_of
 
 MIXER = ["q_proj", "k_proj", "v_proj", "out_proj", "in_proj"]
 """LFM2's token-mixer projections: attention q/k/v/out and the short convolution's in/out (conv.conv is a Conv1d)."""
@@ -39,12 +40,19 @@ TARGET_PRESETS: dict[str, dict[str, Any]] = {
 """Named target sets. The study's `attn` is PEFT's suffix match on [q,k,v,out]_proj, so it also hits the conv layers'
 out_proj; `attn_layers` is attention layers only. The study's `all_linear` leaves out the FFN; `all_linear_ffn` not."""
 
-KNOWN_HUB_LAYERS = {
+PUBLISHED_HUB_LAYERS = {
     "LiquidAI/LFM2.5-230M": [2, 3, 4, 5],
     "LiquidAI/LFM2.5-230M-Base": [2, 3, 4, 5],
 }
 """The study's published hub layers of LFM2.5-230M (two attention + two conv layers, as its parameter counts imply).
-Every other model gets its hubs from its atlas (`tune_lfm.atlas`), unless `hub_layers` / `--hub-layers` say them."""
+Every other model gets its hubs from its atlas (`tune_lfm.atlas.resolve_hub_layers`), unless `hub_layers` /
+`--hub-layers` say them."""
+
+
+def published_hub_layers(model_name: str) -> list[int] | None:
+    """The published hubs of a known model (a pinned revision `id@rev` keeps them), else None."""
+    hubs = PUBLISHED_HUB_LAYERS.get(model_name.partition("@")[0])
+    return list(hubs) if hubs is not None else None
 
 
 @dataclass(frozen=True)
@@ -100,36 +108,6 @@ def parse_spec(value: Any, where: str = "lora_targets") -> list[TargetSpec]:
     return [TargetSpec(tuple(modules), layers, layer_types)]
 
 
-def decoder_layers(model) -> list:
-    """The model's stack of decoder layers: the ModuleList whose length is config.num_hidden_layers."""
-    import torch.nn as nn
-
-    n_layers = model.config.num_hidden_layers
-    for _, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n_layers:
-            return list(module)
-    raise ConfigError(f"cannot find the {n_layers} decoder layers of {type(model).__name__}")
-
-
-def layer_types_of(config) -> list[str]:
-    """Per-layer mixer type; models without `layer_types` are treated as all `full_attention`."""
-    types = getattr(config, "layer_types", None)
-    return list(types) if types else ["full_attention"] * config.num_hidden_layers
-
-
-def resolve_hub_layers(model_name: str, explicit: list[int] | None) -> list[int]:
-    """Hub layers: the explicit list if given, else the published hubs, else the model's atlas (cached; computed
-    from the weights on first use, see `tune_lfm.atlas`)."""
-    if explicit is not None:
-        return list(explicit)
-    repo_id = model_name.partition("@")[0]  # a pinned revision of a known model keeps its published hubs
-    if repo_id in KNOWN_HUB_LAYERS:
-        return list(KNOWN_HUB_LAYERS[repo_id])
-    from .atlas import ensure_atlas
-
-    return list(ensure_atlas(model_name).hubs)
-
-
 def resolve_targets(model, specs: list[TargetSpec], hub_layers: list[int] | None) -> ResolvedTargets:
     """Apply specs to a model (meta or real) and list the targeted Linear modules in layer order."""
     import torch.nn as nn
@@ -175,11 +153,15 @@ def needs_hub_layers(specs: list[TargetSpec]) -> bool:
 
 
 def targets_for_model(model_name: str, lora_targets: Any, hub_layers: list[int] | None) -> ResolvedTargets:
-    """Resolve a target set against a model's architecture with no weights (meta device)."""
+    """Resolve a target set against a model's architecture with no weights (meta device); hub layers are the given
+    ones or the model's published ones (an atlas needs weights: `tune_lfm.atlas.resolve_hub_layers`)."""
     from .models import build_meta_model, resolve_model
 
     specs = parse_spec(lora_targets)
-    hubs = resolve_hub_layers(model_name, hub_layers) if needs_hub_layers(specs) else hub_layers
+    hubs = hub_layers if hub_layers is not None else published_hub_layers(model_name)
+    if hubs is None and needs_hub_layers(specs):
+        raise ConfigError(f"{model_name} has no published hub layers: give them (--hub-layers, hub_layers) or take "
+                          f"them from its atlas (python -m tune_lfm.atlas --model {model_name})")
     return resolve_targets(build_meta_model(resolve_model(model_name)), specs, hubs)
 
 

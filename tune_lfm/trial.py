@@ -123,7 +123,8 @@ def _source_fingerprint(spec, embedded: bool) -> str | None:
 def attach_lora(model, config: TrialConfig) -> tuple[Any, ResolvedTargets]:
     from peft import LoraConfig, get_peft_model
 
-    from .targets import needs_hub_layers, parse_spec, resolve_hub_layers, resolve_targets
+    from .atlas import resolve_hub_layers
+    from .targets import needs_hub_layers, parse_spec, resolve_targets
 
     specs = parse_spec(config.lora_targets)
     hubs = resolve_hub_layers(config.model, config.hub_layers) if needs_hub_layers(specs) else config.hub_layers

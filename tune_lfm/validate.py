@@ -54,8 +54,9 @@ def _check_dataset(name: str, user_datasets: str, embedded: bool, eval_examples:
 @functools.lru_cache(maxsize=None)
 def _check_model_targets(model: str, targets: str, hub_layers: tuple[int, ...] | None, where: str) -> None:
     """The model's config can be found, and the target set and hub layers exist in it (meta device, no weights)."""
+    from .layers import decoder_layers
     from .models import build_meta_model, resolve_model
-    from .targets import KNOWN_HUB_LAYERS, decoder_layers, needs_hub_layers, parse_spec, resolve_targets
+    from .targets import needs_hub_layers, parse_spec, published_hub_layers, resolve_targets
 
     meta = build_meta_model(resolve_model(model))
     layers = len(decoder_layers(meta))
@@ -64,7 +65,7 @@ def _check_model_targets(model: str, targets: str, hub_layers: tuple[int, ...] |
                           f"layers (0-{layers - 1})")
     specs = parse_spec(targets if not targets.startswith(("{", "[")) else json.loads(targets), where=f"{where}: "
                        "`lora_targets`")
-    hubs = list(hub_layers) if hub_layers else KNOWN_HUB_LAYERS.get(model)
+    hubs = list(hub_layers) if hub_layers else published_hub_layers(model)
     if hubs is None and needs_hub_layers(specs):
         hubs = list(range(layers))  # this model's hubs come from its atlas later; any layer may be one
     try:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Sequence
 
@@ -10,45 +9,15 @@ import pandas as pd
 
 from .compare import compare_with_reference
 from .derive import add_derived
-from .load import TrialData, expand_sweeps, is_uri, load_trials, split_completed
-from .pareto import DEFAULT_FRONTS, Front, check_objectives, front_membership, front_name, pareto_table, resolve
+from .load import expand_sweeps, is_uri, load_trials, split_completed
+from .pareto import Front, check_objectives, front_membership, front_name, pareto_table, resolve
 from .plots import plot_fronts, plot_loss_curves, plot_spreads
-from .presets import Preset, PresetRules, choose_presets, write_presets
+from .presets import choose_presets, write_presets
 from .report import to_html, to_markdown
 from .sections import report_blocks
 from .spreads import dimension_spreads
-from .tables import DEFAULT_TIER_THRESHOLDS, sweep_table
-
-
-@dataclass(frozen=True)
-class Settings:
-    fronts: tuple[Front, ...] = DEFAULT_FRONTS
-    rules: PresetRules = PresetRules()
-    tier_thresholds: tuple[float, ...] = DEFAULT_TIER_THRESHOLDS
-
-    @property
-    def z(self) -> float:
-        """The noise multiplier of the tie rule (`noise.py`), shared by tables, fronts, presets and spreads."""
-        return self.rules.z
-
-
-@dataclass
-class Analysis:
-    data: TrialData
-    done: pd.DataFrame
-    """Completed trials with derived columns (improvement, efficiency, label); a trial shared by several sweeps
-    has one row per sweep (same trial_id)."""
-    others: pd.DataFrame
-    """Trials that do not count (failed, diverged, running, or without train_loss)."""
-    settings: Settings
-    pareto: pd.DataFrame
-    sweep_tables: dict[str, pd.DataFrame]
-    spreads: pd.DataFrame
-    presets: list[Preset]
-    reference: pd.DataFrame | None = None
-    comparison: pd.DataFrame | None = None
-    unmatched_reference: int = 0
-    files: dict[str, Path] = field(default_factory=dict)
+from .state import Analysis, Settings
+from .tables import sweep_table
 
 
 def _front_marks(sweep: pd.DataFrame, fronts: Sequence[Front], z: float) -> pd.Series:

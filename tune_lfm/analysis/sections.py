@@ -4,7 +4,6 @@ the comparison with the published study, trials that did not count, loss curves 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pandas as pd
 
@@ -16,10 +15,9 @@ from .pareto import EXPERIMENT, front_name
 from .presets import COMBINED
 from .report import Block, Heading, Image, Paragraph, Table
 from .spreads import what_mattered_most
+from .state import Analysis
 from .tables import DIMENSION_NAMES, fixed_settings
 
-if TYPE_CHECKING:
-    from .pipeline import Analysis
 
 SUMMARY_SETTINGS = ["dataset", "optimizer", "learning_rate", "lora_rank", "lora_alpha", "lora_targets", "max_steps",
                     "num_examples"]

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from .. import metrics
 from ..forwards import restored_forwards
 from ..data.tokens import IGNORE_INDEX
-from ..targets import decoder_layers
+from ..layers import decoder_layers
 
 METHODS = ("influence", "ablation")
 

@@ -23,7 +23,7 @@ from typing import Callable
 
 from ..config import ConfigError
 from ..metrics import adapter_disabled
-from ..targets import layer_types_of
+from ..layers import layer_types_of
 from .ranking import DEFAULT_K, check_selection, combine, default_quota, select_hubs, spearman
 from .scores import METHODS, ProbeSums, measure, probe_examples, tokens_digest
 
