@@ -35,6 +35,12 @@ def quickstart(tmp_path_factory):
 def test_datasets_sweep_end_to_end_writes_both_dataframes(quickstart):
     experiment, out = quickstart
     assert "scale: TINY" in out.stderr
+    # a quiet console: the scale line, a line per trial, the results table best first
+    assert len(out.stderr.splitlines()) < 50, out.stderr
+    table = out.stdout.splitlines()
+    assert table[0].split()[:2] == ["trial_id", "dataset"] and len(table) == 12
+    losses = [float(line.split()[3].split("±")[0]) for line in table[2:]]
+    assert losses == sorted(losses)
     trials = pd.read_parquet(experiment / "trials.parquet")
     assert len(trials) == 10 and set(trials["status"]) == {"completed"}, trials[["dataset", "status", "error"]]
     assert sorted(trials["dataset"]) == sorted(["smol-magpie-ultra", "ultrachat", "finetome", "magicoder", "tulu3",

@@ -27,6 +27,7 @@ import yaml
 
 from .checkpoints import KEEP_ADAPTERS, ArtifactSettings, artifact_settings, prune_adapters
 from .config import ConfigError
+from .console import results_table, trial_line, varied_settings
 from .determinism import start_trial
 from .faults import fire, fire_after_step, injected_fault
 from .interrupts import Interrupts, resume_command
@@ -286,8 +287,10 @@ def trainable(params: dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------- recording results in the driver
 
-def results_callback(experiment_dir: str, meta: dict[str, Any], total: int, stopping=lambda: False):
-    """A Tune callback (driver side) that writes trials.parquet / history.parquet and prints a summary line.
+def results_callback(experiment_dir: str, meta: dict[str, Any], total: int, varied: list[str],
+                     stopping=lambda: False):
+    """A Tune callback (driver side) that writes trials.parquet / history.parquet and prints a line per finished
+    trial (named by the `varied` settings) and where the sweep stands.
 
     Once `stopping()` is true (the sweep was interrupted), trials that end with an error were stopped by us, not
     failed: no row is written for them, and they run again on resume."""
@@ -308,6 +311,7 @@ def results_callback(experiment_dir: str, meta: dict[str, Any], total: int, stop
             """Tune will run the trial again: its next actor gets the next attempt number in its config, and the
             failed attempt's steps are dropped."""
             params = trial_params(trial.config)
+            log(f"{params['trial_id']} attempt {attempt_number(params)} failed, retrying: {_error_message(trial)[:300]}")
             trial.set_config({**trial.config, "trial": {**params, "attempt": attempt_number(params) + 1}})
             self.record.drop_history(params["trial_id"], after=resumed_step(trial))
 
@@ -319,7 +323,7 @@ def results_callback(experiment_dir: str, meta: dict[str, Any], total: int, stop
                 fields = {k: v for k, v in result.items() if k in record_columns()}
                 self.record.set_trial({**fields, **meta, **_identity(params), "attempts": attempt_number(params),
                                        "adapter_uri": adapter_uri(experiment_dir, trial, result)})
-                self._summary(trials)
+                self._summary(trials, params["trial_id"])
 
         def on_trial_error(self, iteration, trials, trial, **info):
             if stopping():
@@ -327,9 +331,10 @@ def results_callback(experiment_dir: str, meta: dict[str, Any], total: int, stop
             params = trial_params(trial.config)
             self.record.set_trial({**params["config"], **meta, **_identity(params), "status": "failed",
                                    "error": _error_message(trial)[:2000], "attempts": attempt_number(params)})
-            self._summary(trials)
+            self._summary(trials, params["trial_id"])
 
-        def _summary(self, trials) -> None:
+        def _summary(self, trials, trial_id: str) -> None:
+            log(trial_line(self.record.rows[trial_id], varied))
             statuses = [row.get("status") for row in self.record.rows.values()]
             finished = self.record.finished_ids()
             done, failed = len(finished), statuses.count("failed")
@@ -435,17 +440,20 @@ def _optuna_setup(sweep: Sweep, scale: str, overrides: dict[str, Any], worker: d
 LOOPBACK = "127.0.0.1"
 
 
-def _connect_ray(address: str | None):
+def _connect_ray(address: str | None, verbose: bool = False):
     """Join the cluster at `address`, or start Ray on this machine reachable from this machine only.
 
     On Linux, Ray gives a node the machine's network address and its servers (GCS, raylet, workers, agents, the
     dashboard's metrics exporter) listen on every interface. Ray's single-machine mode, the one it uses on macOS and
     Windows, gives the node 127.0.0.1 and binds every server there; a local sweep needs nothing more.
     """
+    import logging
+
     import ray
 
+    quiet = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING}
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, **quiet)
     else:
         from ray._private import ray_constants
 
@@ -454,7 +462,7 @@ def _connect_ray(address: str | None):
         os.environ[variable] = "0"  # for the processes Ray starts
         ray_constants.ENABLE_RAY_CLUSTER = False  # read when ray was imported
         try:
-            ray.init(_node_ip_address=LOOPBACK, include_dashboard=False, dashboard_host=LOOPBACK, log_to_driver=True)
+            ray.init(_node_ip_address=LOOPBACK, include_dashboard=False, dashboard_host=LOOPBACK, **quiet)
         finally:  # the processes have started; the rest of this process is unchanged
             ray_constants.ENABLE_RAY_CLUSTER = True
             os.environ.pop(variable) if before is None else os.environ.update({variable: before})
@@ -538,7 +546,7 @@ def run_search(args: argparse.Namespace) -> int:
     # A cluster decides the scale (auto: full iff it has GPUs); a local run knows it without starting Ray. A job
     # submitted with `ray job submit` finds its cluster in RAY_ADDRESS.
     address = args.address or os.environ.get("RAY_ADDRESS")
-    resources = _connect_ray(address) if address else None
+    resources = _connect_ray(address, args.verbose) if address else None
     cluster_gpus = resources.get("GPU", 0) if resources else local_gpu_count()
     scale = resolve_scale(args.scale, cluster_gpus)
     planned = check_sweep(sweep, scale, overrides)  # everything a trial can know before compute
@@ -550,7 +558,7 @@ def run_search(args: argparse.Namespace) -> int:
             print(describe_plan(with_hub_layers(planned), args.json))
         return 0
     name, experiment_dir = choose_experiment(args, sweep, scale)
-    resources = resources or _connect_ray(None)
+    resources = resources or _connect_ray(None, args.verbose)
     what = "embedded tiny-lfm2 model and embedded data, shrunk for CPU" if scale == "tiny" else "real model and data"
     log(f"scale: {scale.upper()} ({what}); cluster: {resources.get('CPU', 0):.0f} CPUs, {cluster_gpus:g} GPUs")
     _refuse_local_storage_on_cluster(args.storage)
@@ -570,6 +578,8 @@ def run_search(args: argparse.Namespace) -> int:
             log(f"resume: {resume_command(argv, name)}")
             return interrupts.exit_code
     statuses = [row.get("status") for row in record.rows.values()]
+    if record.rows:
+        print(results_table(list(record.rows.values())), flush=True)
     log(f"finished: {statuses.count('completed')} completed, {statuses.count('diverged')} diverged, "
         f"{statuses.count('failed')} failed -> {record.trials_uri}")
     log(f"next: python -m tune_lfm.analysis {experiment_dir}")
@@ -634,9 +644,13 @@ def run_sweep(args: argparse.Namespace, sweep: Sweep, scale: str, overrides: dic
         s = sweep.scheduler
         scheduler = ASHAScheduler(metric=s["metric"], mode=s["mode"], time_attr="step", max_t=10**9,
                                   grace_period=s["grace_period"], reduction_factor=s["reduction_factor"])
-    callback = results_callback(experiment_dir, meta, total, stopping=lambda: interrupts.received is not None)
+    varied = varied_settings([t.config.to_dict() for t in planned]) if planned is not None else [
+        key for key in sweep.dimensions if key != "variants"]
+    callback = results_callback(experiment_dir, meta, total, varied,
+                                stopping=lambda: interrupts.received is not None)
     trackers = tracker_callbacks(args.log, experiment_dir, name, sweep.name, log) if args.log else []
-    run_config = tune.RunConfig(name=name, storage_path=storage_path, verbose=1, callbacks=[callback, *trackers],
+    run_config = tune.RunConfig(name=name, storage_path=storage_path, verbose=1 if args.verbose else 0,
+                                callbacks=[callback, *trackers],
                                 failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
                                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
     _keep_credentials_out_of_trial_runtime_envs()
@@ -675,6 +689,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="save a resume checkpoint every N steps; a retried trial continues from it")
     parser.add_argument("--log", action="append", default=[], choices=TRACKERS,
                         help="stream step losses and final metrics to a tracker (repeatable; see tune_lfm.trackers)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show Ray's trial tables and every trial's own output (quiet by default)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a trial setting in every trial, e.g. --set max_steps=50")
     return parser
