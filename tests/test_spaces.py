@@ -97,3 +97,13 @@ def test_shipped_sweeps_are_found_inside_the_package_for_wheel_installs():
     top_level = Path(__file__).resolve().parents[1] / "search_spaces"
     assert SPACES_DIR.parent == Path(tune_lfm.__file__).resolve().parent
     assert sorted(p.name for p in SPACES_DIR.glob("*.yaml")) == sorted(p.name for p in top_level.glob("*.yaml"))
+
+
+def test_dry_run_table_says_the_scale_and_every_sweep_of_a_trial():
+    out = subprocess.run([sys.executable, "-m", "tune_lfm.search", "study", "--dry-run", "--scale", "tiny"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("scale: TINY (embedded model and data; steps/5")
+    assert any(" datasets,learning_rate,rank,targets,duration " in line for line in lines)  # the shared default
+    assert lines[-1] == "30 trials"

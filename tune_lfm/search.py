@@ -102,17 +102,20 @@ def longest_first(trials: list[PlannedTrial]) -> list[PlannedTrial]:
     return sorted(trials, key=lambda t: -t.config.max_steps * t.config.effective_batch)
 
 
-def describe_plan(trials: list[PlannedTrial], as_json: bool) -> str:
+def describe_plan(trials: list[PlannedTrial], as_json: bool, scale: str) -> str:
+    """The planned trials as JSON or as a table headed by the scale they were resolved at; every sweep a trial
+    belongs to is listed, however many."""
     sizes = adapter_sizes(trials)
     rows = [{"trial_id": t.trial_id, "sweeps": t.sweeps, "trainable_params": sizes[t.trial_id], **t.config.to_dict()}
             for t in trials]
     if as_json:
         return json.dumps(rows, indent=2, default=str)
-    header = f"{'trial_id':12}  {'sweeps':22} {'model':22} {'dataset':18} {'optim':19} {'lr':>8} {'r':>3} " \
+    sweeps = max([len("sweeps")] + [len(",".join(row["sweeps"])) for row in rows])
+    header = f"{'trial_id':12}  {'sweeps':{sweeps}} {'model':22} {'dataset':18} {'optim':19} {'lr':>8} {'r':>3} " \
              f"{'targets':11} {'steps':>5} {'rows':>5} {'params':>9}"
-    lines = [header, "-" * len(header)]
+    lines = [f"scale: {scale.upper()} ({scale_metadata(scale)['scale_rule']})", header, "-" * len(header)]
     for row in rows:
-        lines.append(f"{row['trial_id']:12}  {','.join(row['sweeps'])[:22]:22} {row['model'][:22]:22} "
+        lines.append(f"{row['trial_id']:12}  {','.join(row['sweeps']):{sweeps}} {row['model'][:22]:22} "
                      f"{row['dataset'][:18]:18} {row['optimizer']:19} {row['learning_rate']:>8.1e} "
                      f"{row['lora_rank']:>3} {str(row['lora_targets'])[:11]:11} {row['max_steps']:>5} "
                      f"{str(row['num_examples']):>5} {row['trainable_params']:>9,}")
@@ -555,7 +558,7 @@ def run_search(args: argparse.Namespace) -> int:
             print(f"{sweep.name}: optuna ({sweep.sampler}) search, {sweep.num_samples} trials over "
                   f"{', '.join(sweep.dimensions)}; objectives {sweep.objectives}; scale {scale}")
         else:
-            print(describe_plan(with_hub_layers(planned), args.json))
+            print(describe_plan(with_hub_layers(planned), args.json, scale))
         return 0
     name, experiment_dir = choose_experiment(args, sweep, scale)
     resources = resources or _connect_ray(None, args.verbose)
