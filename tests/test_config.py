@@ -36,3 +36,18 @@ def test_malformed_yaml_names_the_file(tmp_path):
     path.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="broken.yaml: not valid YAML"):
         load_config_file(path)
+
+
+def test_every_trial_setting_is_a_flag_named_after_it_with_its_docstring_as_help():
+    from tune_lfm.config import FIELD_NAMES, field_docs
+    from tune_lfm.trial import _cli_overrides, build_parser
+
+    parser = build_parser()
+    flags = {action.dest: action.option_strings for action in parser._actions}
+    for name in FIELD_NAMES:
+        assert f"--{name.replace('_', '-')}" in flags[name], name
+    assert "Optimizer steps" in parser.format_help() and field_docs()["max_steps"] == "Optimizer steps."
+    args = parser.parse_args(["--lora-targets", "{modules: [out_proj], layers: [1]}", "--hub-layers", "0,2",
+                              "--steps", "7", "--set", "warmup_steps=3", "--set", "max_steps=9"])
+    assert _cli_overrides(args) == {"lora_targets": {"modules": ["out_proj"], "layers": [1]}, "hub_layers": [0, 2],
+                                    "max_steps": 9, "warmup_steps": 3}  # --set comes last and wins

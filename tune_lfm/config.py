@@ -6,8 +6,11 @@ of this object, so a row of trials.parquet (its flattened config) is enough to r
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
 import json
+import textwrap
 import math
 import types
 import typing
@@ -133,7 +136,7 @@ NON_NEGATIVE = ("warmup_steps", "weight_decay", "seed")
 """Every float field must also be finite; `lora_dropout` is a probability in [0, 1); hub layer indices are >= 0."""
 
 
-def _type_name(tp: Any) -> str:
+def type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp)).replace("typing.", "")
 
 
@@ -151,7 +154,7 @@ def _coerce(key: str, value: Any, tp: Any, where: str) -> Any:
                 return _coerce(key, value, option, where)
             except ConfigError:
                 continue
-        allowed = " or ".join(_type_name(o) for o in options)
+        allowed = " or ".join(type_name(o) for o in options)
         raise ConfigError(f"{where}: `{key}` must be {allowed}, got {value!r} ({type(value).__name__})")
     if origin in (list, dict):
         if not isinstance(value, origin):
@@ -179,7 +182,7 @@ def _coerce(key: str, value: Any, tp: Any, where: str) -> Any:
     elif tp is str:
         if isinstance(value, str):
             return value
-    raise ConfigError(f"{where}: `{key}` must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    raise ConfigError(f"{where}: `{key}` must be {type_name(tp)}, got {value!r} ({type(value).__name__})")
 
 
 def _check_ranges(checked: dict[str, Any], where: str) -> None:
@@ -229,3 +232,35 @@ def load_config_file(path: str | Path) -> TrialConfig:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     return config_from_dict(values or {}, where=str(path))
 
+
+
+def field_docs() -> dict[str, str]:
+    """Each TrialConfig field's docstring (the string under it in the class body): the help of its CLI flag."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(TrialConfig))).body[0].body
+    docs = {}
+    for node, following in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(following, ast.Expr)
+                and isinstance(following.value, ast.Constant) and isinstance(following.value.value, str)):
+            docs[node.target.id] = " ".join(following.value.value.split())
+    return docs
+
+
+def parse_value(text: str, where: str) -> Any:
+    """A setting's value as written on a command line: a YAML scalar or flow collection (1e-4, true, [2, 4])."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{where}: the value is not valid YAML ({problem}); quote a string, or write a list as "
+                          "[a, b]") from None
+
+
+def parse_set_pairs(pairs: list[str]) -> dict[str, Any]:
+    """`--set key=value` pairs, each value parsed by `parse_value`."""
+    values = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {pair!r}: expected key=value")
+        values[key.strip()] = parse_value(text, f"--set {pair!r}")
+    return values

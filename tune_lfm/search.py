@@ -23,8 +23,6 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-import yaml
-
 from .checkpoints import KEEP_ADAPTERS, ArtifactSettings, artifact_settings, prune_adapters
 from .config import ConfigError
 from .console import results_table, trial_line, varied_settings
@@ -50,20 +48,10 @@ def log(message: str) -> None:
 # ---------------------------------------------------------------- planning (no Ray)
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """`--set key=value` pairs; values are parsed as YAML scalars (so 1e-4, true, [2, 4] work)."""
-    overrides = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set {pair!r}: expected key=value")
-        try:
-            overrides[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError as err:
-            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-            raise ConfigError(f"--set {pair!r}: the value is not valid YAML ({problem}); quote a string, e.g. "
-                              f"--set '{key.strip()}=\"...\"', or write a list as [a, b]") from None
-    from .config import config_from_dict
+    """`--set key=value` pairs, each checked on its own as a trial setting."""
+    from .config import config_from_dict, parse_set_pairs
 
+    overrides = parse_set_pairs(pairs)
     # each value on its own (the divisibility of micro_batch_size is checked with the rest of each trial's config)
     config_from_dict({k: v for k, v in overrides.items() if k != "micro_batch_size"}, where="--set")
     return overrides

@@ -21,7 +21,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
-from .config import FIELD_NAMES, ConfigError, TrialConfig, config_from_dict, load_config_file
+from .config import (FIELD_NAMES, FIELD_TYPES, ConfigError, TrialConfig, config_from_dict, field_docs,
+                     load_config_file, parse_set_pairs, parse_value, type_name)
 from .progress import StepProgress
 from .spaces import scale_metadata, scaled_config
 from .targets import ResolvedTargets, parse_layers_arg, parse_targets_arg
@@ -365,47 +366,59 @@ def run_trial(config: TrialConfig, reporter: Reporter | None = None, save_adapte
     return result
 
 
+SHORT_FLAGS = {"learning_rate": ["--lr"], "lora_rank": ["--rank"], "lora_targets": ["--targets"],
+               "max_steps": ["--steps"]}
+"""Short aliases kept beside the flags named after the settings."""
+
+
+def _flag_value(name: str, text: str, flag: str) -> Any:
+    """A setting given as a flag: target specs and layer lists have their own short forms, the rest is YAML."""
+    if name == "lora_targets":
+        return parse_targets_arg(text)
+    if name == "hub_layers":
+        return parse_layers_arg(text, flag)
+    return parse_value(text, flag)
+
+
 def _cli_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    mapping = {"model": args.model, "dataset": args.dataset, "optimizer": args.optimizer, "learning_rate": args.lr,
-               "lora_rank": args.rank, "lora_targets": args.targets, "max_steps": args.steps,
-               "num_examples": args.num_examples, "seed": args.seed, "max_length": args.max_length,
-               "batch_size": args.batch_size, "grad_accum": args.grad_accum, "data_source": args.data_source}
-    if args.hub_layers:
-        mapping["hub_layers"] = parse_layers_arg(args.hub_layers)
-    return {key: value for key, value in mapping.items() if value is not None}
+    """The settings given as flags, then those given with --set (the later wins)."""
+    flags = {name: _flag_value(name, getattr(args, name), f"--{name.replace('_', '-')}")
+             for name in FIELD_NAMES if getattr(args, name) is not None}
+    return {**flags, **parse_set_pairs(args.set)}
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """One flag per TrialConfig field, named after it and helped by its docstring, so YAML keys, flags and --help
+    cannot drift apart."""
     parser = argparse.ArgumentParser(prog="python -m tune_lfm.trial",
                                      description="Run one LoRA SFT trial and print its result as JSON.")
     parser.add_argument("--config", help="YAML file of trial settings (e.g. an analysis preset); flags override it")
-    parser.add_argument("--model")
-    parser.add_argument("--dataset")
-    parser.add_argument("--optimizer")
-    parser.add_argument("--lr", type=float)
-    parser.add_argument("--rank", type=int)
-    parser.add_argument("--targets", help="target preset name or inline YAML spec")
-    parser.add_argument("--hub-layers", help="comma-separated layer indices")
-    parser.add_argument("--steps", type=int)
-    parser.add_argument("--num-examples", type=int)
-    parser.add_argument("--max-length", type=int)
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--grad-accum", type=int)
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--data-source", choices=["auto", "embedded", "hub"])
+    settings = parser.add_argument_group("trial settings (the YAML keys of tune_lfm.config.TrialConfig)")
+    docs, defaults = field_docs(), TrialConfig()
+    for name in FIELD_NAMES:
+        flags = [f"--{name.replace('_', '-')}", *SHORT_FLAGS.get(name, [])]
+        default = getattr(defaults, name)
+        kind = type_name(FIELD_TYPES[name]).replace(" | None", "")
+        settings.add_argument(*flags, dest=name, metavar=kind.upper() if kind.isalpha() else "YAML",
+                              help=f"{docs.get(name, '')} (default: {default})".strip().replace("%", "%%"))
+    settings.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                          help="any setting as key=value (YAML value), e.g. --set warmup_steps=10")
     parser.add_argument("--scale", choices=["tiny", "full"], default="full",
                         help="full: the settings as given; tiny: shrink them exactly as a tiny-scale sweep does "
                              "(embedded model and data, see README 'Tiny scale'). A preset written by the analysis "
                              "already holds the settings as run: give it without --scale")
     parser.add_argument("--save-adapter", metavar="DIR")
     parser.add_argument("--history", action="store_true", help="include the per-step history in the JSON")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     try:
         base = load_config_file(args.config).to_dict() if args.config else {}
         overrides = _cli_overrides(args)
-        if "lora_targets" in overrides:
-            overrides["lora_targets"] = parse_targets_arg(overrides["lora_targets"])
         config = scaled_config(config_from_dict({**base, **overrides}, where=args.config or "command line"),
                                args.scale)
         check_trial(config, args.config or "command line")
