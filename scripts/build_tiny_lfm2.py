@@ -5,10 +5,13 @@ pattern, its special tokens and ChatML-style template) and a real base distribut
 and layer scores mean something, while staying a few MB and trainable on 2 CPU cores.
 
 The corpus exists offline on any machine: docstrings of a fixed list of Python standard-library modules (they vary a
-little between Python versions, so BUILD_INFO.json records the version and the corpus sha256) and the training part of
-the ten study datasets' embedded rows, rendered with the chat template. The probe set and the eval part are never used.
+little between Python versions, so BUILD_INFO.json records the version and the corpus sha256), once as plain documents
+and once as chats (a question about the documented name, the docstring as the answer), which teach the chat format.
+The model never sees a study dataset's row: like a real base model meeting a new SFT dataset, a trial then has
+something to learn. The training part of the ten datasets' embedded rows trains the tokenizer only (so their text
+tokenizes as compactly as the docstrings); the probe set and the held-out rows are never used.
 
-    python scripts/build_tiny_lfm2.py --out tune_lfm/models/tiny_lfm2 [--steps 800] [--seed 0]
+    python scripts/build_tiny_lfm2.py --out tune_lfm/models/tiny_lfm2 [--steps 500] [--seed 0]
 """
 
 from __future__ import annotations
@@ -91,7 +94,7 @@ EVAL_BLOCKS = 48  # blocks scored at each evaluation, spread evenly over the spl
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="directory to write the model into")
-    parser.add_argument("--steps", type=int, default=800, help="pretraining optimizer steps")
+    parser.add_argument("--steps", type=int, default=500, help="pretraining optimizer steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--hidden-size", type=int, default=128)
@@ -100,12 +103,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8, help="blocks per optimizer step")
     parser.add_argument("--lr", type=float, default=4e-3, help="peak AdamW learning rate")
     parser.add_argument("--warmup-steps", type=int, default=30)
-    parser.add_argument("--eval-every", type=int, default=100)
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--eval-every", type=int, default=25)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (1 is faster than 2 on a busy machine)")
     parser.add_argument(
         "--no-chat-rows",
         action="store_true",
-        help="docstrings only (for building before tune_lfm.data's embedded rows exist)",
+        help="train the tokenizer on docstrings only (for building before tune_lfm.data's embedded rows exist)",
     )
     args = parser.parse_args(argv)
     for name in ("steps", "vocab_size", "hidden_size", "ff_dim", "block_len", "batch_size", "eval_every", "threads"):
@@ -181,6 +185,23 @@ def embedded_chat_documents() -> tuple[list[str], dict[str, int]]:
         counts[name] = len(conversations)
         documents.extend(render_chat(list(messages)) for messages in conversations)
     return documents, counts
+
+
+DOCSTRING_QUESTIONS = ("What does {name} do?", "Explain {name}.", "How is {name} used?", "Describe {name} briefly.")
+SYSTEM_EVERY = 5  # every 5th docstring chat opens with a system turn, so the model knows that role too
+
+
+def docstring_chats(docstrings: list[str]) -> list[str]:
+    """Each docstring document as a rendered chat: a question about its name, the docstring as the answer."""
+    chats = []
+    for i, document in enumerate(docstrings):
+        name, _, text = document.partition("\n\n")
+        messages = [{"role": "user", "content": DOCSTRING_QUESTIONS[i % len(DOCSTRING_QUESTIONS)].format(name=name)},
+                    {"role": "assistant", "content": text}]
+        if i % SYSTEM_EVERY == 0:
+            messages.insert(0, {"role": "system", "content": "You explain the Python standard library."})
+        chats.append(render_chat(messages))
+    return chats
 
 
 def split_heldout(documents: list[str]) -> tuple[list[str], list[str]]:
@@ -410,13 +431,19 @@ def main(argv: list[str] | None = None) -> None:
     chats, chat_rows = ([], {}) if args.no_chat_rows else embedded_chat_documents()
     print(f"chat rows: {sum(chat_rows.values())} ({chat_rows or 'not used'})", flush=True)
 
-    sources = {"docstrings": docstrings, "chats": chats}
+    tokenizer_sources = {"docstrings": docstrings, "chats": chats}
+    tokenizer_docs = [doc for docs in tokenizer_sources.values() for doc in split_heldout(
+        [as_pretraining_text(d) for d in docs])[0]]
+    bpe = train_tokenizer(tokenizer_docs, args.vocab_size)
+
+    sources = {"docstrings": docstrings, "docstring_chats": docstring_chats(docstrings)}
     splits = {name: split_heldout([as_pretraining_text(doc) for doc in docs]) for name, docs in sources.items()}
     train_docs = [doc for train, _ in splits.values() for doc in train]
-    bpe = train_tokenizer(train_docs, args.vocab_size)
     train_blocks = pack_blocks(bpe, train_docs, args.block_len)
     heldout_by_source = {name: pack_blocks(bpe, held, args.block_len) for name, (_, held) in splits.items() if held}
     heldout_blocks = torch.cat(list(heldout_by_source.values()))
+    if chats:  # never trained on: how well the base model predicts the study datasets' rows
+        heldout_by_source["study_chats_unseen"] = spread(pack_blocks(bpe, chats, args.block_len), EVAL_BLOCKS)
     tokenizer = wrap_tokenizer(bpe, max_length)
     print(f"tokenizer: vocab {len(tokenizer)}; train {train_blocks.numel()} tokens in {len(train_blocks)} blocks, "
           f"held out {heldout_blocks.numel()} tokens in {len(heldout_blocks)} blocks", flush=True)
@@ -430,6 +457,8 @@ def main(argv: list[str] | None = None) -> None:
         "stdlib_modules_skipped": skipped_modules,
         "chat_rows_per_dataset": chat_rows,
         "chat_part": None if args.no_chat_rows else "train",
+        "chat_rows_use": "tokenizer only; the model is pretrained on docstrings and docstring chats",
+        "docstring_chats": len(sources["docstring_chats"]),
         "heldout_rule": f"every {HELDOUT_EVERY}th document of each source",
         "train_tokens": train_blocks.numel(),
         "heldout_tokens": heldout_blocks.numel(),

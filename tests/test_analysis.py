@@ -16,9 +16,13 @@ import yaml
 
 from tune_lfm.analysis.__main__ import main
 from tune_lfm.analysis.pareto import on_front, pareto_mask, parse_objectives
-from tune_lfm.analysis.pipeline import Settings, analyse
-from tune_lfm.analysis.presets import PresetRules
-from tune_lfm.analysis.schema import CONFIG_COLUMNS, AnalysisError
+from tune_lfm.analysis.noise import ties_with, verdict
+from tune_lfm.analysis.pipeline import Settings, analyse, write_outputs
+from tune_lfm.analysis.presets import PresetRules, preset_yaml
+from tune_lfm.analysis.spreads import what_mattered_most
+from tune_lfm.analysis.schema import AnalysisError
+from tune_lfm.config import FIELD_NAMES, TrialConfig, load_config_file
+from tune_lfm.results import trials_frame
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO / "analysis" / "reference" / "seed_tables.csv"
@@ -81,9 +85,11 @@ def test_reference_best_quality_is_smol_magpie_with_adafactor(reference):
 
 
 def test_reference_targets_front_of_loss_and_kl(reference):
-    members = reference.pareto[(reference.pareto["front"] == "train_loss:min,kl:min")
+    members = reference.pareto[(reference.pareto["front"] == "loss:min,kl:min")
                                & (reference.pareto["scope"] == "sweep") & (reference.pareto["scope_name"] == "targets")]
     assert set(members["lora_targets"]) == {"hub_oproj", "in_proj", "o_proj", "all_linear"}
+    assert set(members["objectives"]) == {"train_loss:min,kl:min"}  # nothing held out: the loss axis is train_loss
+    assert not members["within_noise"].any() and not members["noise_known"].any()
 
 
 def test_reference_dataset_matters_most_with_the_study_numbers(reference):
@@ -95,12 +101,15 @@ def test_reference_dataset_matters_most_with_the_study_numbers(reference):
     assert optimizer["difference"] == pytest.approx(0.039)
 
 
-def test_reference_dataset_tiers_follow_the_study(reference):
-    table = reference.sweep_tables["datasets"].set_index("dataset")["tier"]
-    assert table["smol-magpie-ultra"] == "winner" and table["ultrachat"] == "excellent"
-    assert table[["finetome", "magicoder"]].tolist() == ["good", "good"]
-    assert table[["tulu3", "openhermes", "slimorca"]].tolist() == ["moderate"] * 3
-    assert table[["gsm8k", "dolly", "alpaca"]].tolist() == ["low"] * 3
+def test_reference_gets_no_dataset_tiers_and_no_called_wins(reference):
+    table = reference.sweep_tables["datasets"].set_index("dataset")
+    assert "tier" not in table  # raw training losses of different datasets rank how predictable they are
+    assert table.loc["smol-magpie-ultra", "tied_with_best"] == "best"
+    assert set(table["tied_with_best"].drop("smol-magpie-ultra")) == {"noise unknown"}
+    assert set(reference.spreads["verdict"]) == {"noise unknown"}
+    optimizer = reference.spreads.set_index("dimension").loc["optimizer"]
+    assert (optimizer["best_value"], optimizer["next_value"]) == ("adafactor", "adamw")
+    assert optimizer["gap_to_next"] == pytest.approx(0.005) and optimizer["next_verdict"] == "noise unknown"
 
 
 def test_reference_efficiency_is_improvement_over_worst_in_sweep_per_million_params(reference):
@@ -126,10 +135,10 @@ def _check_preset_file(path: Path, model: str) -> dict:
     text = path.read_text()
     assert text.startswith("# tune_lfm preset")
     config = yaml.safe_load(text)
-    assert set(config) <= set(CONFIG_COLUMNS) and config["model"] == model
-    assert all(v is not None for v in config.values())
+    assert set(config) <= set(FIELD_NAMES) and config["model"] == model
     for key in ("lora_rank", "max_steps", "num_examples", "seed", "lora_alpha"):
         assert key not in config or type(config[key]) is int
+    load_config_file(path)  # the trial's own loader accepts it as is
     return config
 
 
@@ -143,8 +152,8 @@ def test_cli_on_reference_writes_everything_without_torch_or_ray(tmp_path):
     run = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert "dataset mattered most" in run.stdout
-    for name in ("report.md", "report.html", "pareto.parquet", "plots/front_train_loss-kl.png",
-                 "plots/front_train_loss-trainable_params.png", "plots/front_train_loss-kl-trainable_params.png",
+    for name in ("report.md", "report.html", "pareto.parquet", "plots/front_loss-kl.png",
+                 "plots/front_loss-trainable_params.png", "plots/front_loss-kl-trainable_params.png",
                  "plots/what_mattered.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     presets = {p.stem: _check_preset_file(p, "LiquidAI/LFM2.5-230M") for p in (out / "presets").glob("*.yaml")}
@@ -153,6 +162,12 @@ def test_cli_on_reference_writes_everything_without_torch_or_ray(tmp_path):
     report = (out / "report.md").read_text()
     assert "35 of 35 completed trials match a published configuration" in report
     assert "worst train_loss among completed trials" in report  # the efficiency basis is stated
+    critique = report[report.index("## Reading the published study critically"):]
+    assert "Datasets are ranked by raw training loss" in critique and "several times more" in critique
+    assert "optimizer: adafactor 1.267 against adamw 1.272" in critique and "cannot be called a win" in critique
+    assert ("Published best_efficiency (smol-magpie-ultra adafactor lr=2e-4 r=8 hub_oproj steps=300) combines "
+            "settings that were never run together in this table; its expected loss 6.3, kl 0.039 are the numbers "
+            "of sweep targets: alpaca adamw") in critique
     pareto = pd.read_parquet(out / "pareto.parquet")
     assert {"front", "scope", "scope_name", "trial_id", "train_loss", "kl"} <= set(pareto.columns)
 
@@ -199,7 +214,7 @@ def test_cli_on_experiment_directory_with_failures_and_history(tmp_path, capsys)
     for trial_id, status in (("lr-2", "failed"), ("lr-3", "diverged"), ("tg-3", "running")):
         assert f"| {trial_id} |" in report and status in report
     assert "CUDA out of memory" in report and "tiny scale" in report
-    assert "All 5 trials have a base_loss" in report
+    assert "All 5 trials measured held-out numbers" in report
     quality = _check_preset_file(out / "presets" / "best_quality.yaml", "tiny-lfm2")
     assert quality["lora_targets"] == {"modules": ["out_proj"], "layers": "hub"}
     assert (quality["lora_alpha"], quality["num_examples"], quality["seed"]) == (16, 16, 42)
@@ -220,19 +235,8 @@ def test_custom_objectives_make_their_own_front(tmp_path):
     assert (out / "plots" / "front_eval_loss-tokens_per_s.png").is_file()
 
 
-def test_presets_validate_with_the_trial_config_loader_when_present(tmp_path):
-    config = pytest.importorskip("tune_lfm.config")
-    if not hasattr(config, "load_config_file"):
-        pytest.skip("tune_lfm.config has no load_config_file")
-    experiment = _synthetic_experiment(tmp_path / "exp")
-    assert main([str(experiment), "--quiet"]) == 0
-    for path in (experiment / "analysis" / "presets").glob("*.yaml"):
-        config.load_config_file(path)
-
-
 @pytest.mark.slow
 def test_a_preset_runs_as_is_with_the_trial_command(tmp_path):
-    pytest.importorskip("tune_lfm.trial")
     experiment = _synthetic_experiment(tmp_path / "exp")
     assert main([str(experiment), "--quiet"]) == 0
     preset = experiment / "analysis" / "presets" / "best_quality.yaml"
@@ -295,7 +299,7 @@ def test_single_trial_gets_no_efficiency_preset_and_says_why(tmp_path):
     assert sorted(p.stem for p in (out / "presets").glob("*.yaml")) == \
         ["best_quality", "combined_not_yet_run"]
     report = (out / "report.md").read_text()
-    assert "no trial improved on its sweep's reference loss" in report
+    assert "no trial improved on its sweep's reference" in report
     assert set(pd.read_parquet(out / "pareto.parquet")["scope"]) == {"sweep"}  # one sweep: no experiment scope
 
 
@@ -345,7 +349,7 @@ def test_cli_reads_a_uri_experiment_and_writes_to_a_local_directory(tmp_path):
     out = workdir / "analysis-exp"
     assert re.search(rf"^Wrote \d+ files to {re.escape(str(out))}:$", run.stdout, re.MULTILINE), run.stdout
     assert not (experiment / "analysis").exists()
-    for name in ("report.md", "pareto.parquet", "plots/front_train_loss-kl.png", "plots/loss_curves.png"):
+    for name in ("report.md", "pareto.parquet", "plots/front_loss-kl.png", "plots/loss_curves.png"):
         assert (out / name).is_file(), name  # loss curves: history.parquet was found beside trials.parquet
     assert _check_preset_file(out / "presets" / "best_quality.yaml", "tiny-lfm2")["lora_rank"] == 8
     report = (out / "report.md").read_text()
@@ -384,3 +388,183 @@ def test_unusable_uri_gives_a_clear_message(tmp_path, capsys, make, message):
     error = capsys.readouterr().err
     assert re.search(message, error), error
     assert not (tmp_path / "out").exists()
+
+
+# Trials as the trial code records them: held-out losses and probe losses with standard errors.
+
+MEASURED = dict(status="completed", model="tiny-lfm2", dataset="alpaca", optimizer="adamw", learning_rate=2e-4,
+                lora_rank=8, lora_alpha=16, lora_targets="hub_all", max_steps=40, num_examples=64, seed=42,
+                trainable_params=4096, total_params=2_000_000, train_loss=3.0, kl=0.01, kl_se=0.001,
+                base_loss=4.0, base_loss_se=0.2, eval_loss_se=0.2, improvement_se=0.01, eval_rows=16,
+                probe_base_loss=5.0, probe_loss_se=0.2, probe_improvement_se=0.01, probe_improvement=0.05)
+
+
+def _measured(path: Path, rows: list[dict], drop: tuple[str, ...] = ()) -> Path:
+    """A trials.parquet of measured trials; each row gives trial_id, sweep, improvement and what differs."""
+    frame = pd.DataFrame([{**MEASURED, **row} for row in rows])
+    frame["eval_loss"] = frame["base_loss"] - frame["improvement"]
+    frame["probe_loss"] = frame["probe_base_loss"] - frame["probe_improvement"]
+    frame.drop(columns=list(drop)).to_parquet(path)
+    return path
+
+
+def test_presets_and_spreads_rank_on_held_out_improvement_not_train_loss(tmp_path):
+    rows = [{"trial_id": "lo-train", "sweep": "lr", "learning_rate": 1e-4, "train_loss": 2.0, "improvement": 0.05},
+            {"trial_id": "gains", "sweep": "lr", "learning_rate": 5e-4, "train_loss": 2.5, "improvement": 0.30},
+            {"trial_id": "mid", "sweep": "lr", "learning_rate": 1e-3, "train_loss": 2.2, "improvement": 0.15}]
+    for drop in ((), ("improvement", "improvement_se")):  # the measured column, else base_loss - eval_loss
+        result = analyse([_measured(tmp_path / f"t{len(drop)}.parquet", rows, drop)])
+        assert set(result.done["improvement_basis"]) == {"held_out"}
+        assert result.done.set_index("trial_id")["improvement"].to_dict() == pytest.approx(
+            {"lo-train": 0.05, "gains": 0.30, "mid": 0.15})
+        quality = result.presets[0]
+        assert quality.trial["trial_id"] == "gains" and quality.basis == "held-out improvement"
+        spread = result.spreads.set_index("dimension").loc["learning_rate"]
+        assert (spread["best_value"], spread["basis"]) == ("5e-4", "held-out improvement")
+        assert result.pareto[result.pareto["front"] == "loss:min,kl:min"]["objectives"].iloc[0] == \
+            "eval_loss:min,kl:min"
+    assert spread["verdict"] == "noise unknown"  # base_loss - eval_loss without improvement_se: no paired error
+    measured = analyse([tmp_path / "t0.parquet"]).spreads.set_index("dimension").loc["learning_rate"]
+    assert measured["verdict"] == "clear" and measured["difference_se"] == pytest.approx(np.hypot(0.01, 0.01))
+
+
+def test_datasets_are_ranked_on_the_probe_set_with_their_own_gain_beside(tmp_path):
+    rows = [{"trial_id": "easy", "sweep": "datasets", "dataset": "gsm8k", "base_loss": 2.9, "improvement": 0.02,
+             "probe_improvement": 0.01},
+            {"trial_id": "helps", "sweep": "datasets", "dataset": "alpaca", "base_loss": 4.6, "improvement": 0.30,
+             "probe_improvement": 0.20},
+            {"trial_id": "some", "sweep": "datasets", "dataset": "dolly", "base_loss": 4.5, "improvement": 0.25,
+             "probe_improvement": 0.08}]
+    result = analyse([_measured(tmp_path / "d.parquet", rows)])
+    assert result.presets[0].trial["dataset"] == "alpaca"  # not gsm8k, whose held-out loss is lowest
+    assert result.presets[0].basis == "probe improvement (shared probe set)"
+    table = result.sweep_tables["datasets"].set_index("dataset")
+    assert table["tier"].to_dict() == {"alpaca": "winner", "dolly": "moderate", "gsm8k": "low"}
+    assert {"improvement", "probe_improvement"} <= set(table.columns)
+    assert result.spreads.set_index("dimension").loc["dataset", "basis"] == "probe improvement (shared probe set)"
+    front = result.pareto[(result.pareto["front"] == "loss:min,kl:min") & (result.pareto["scope"] == "sweep")]
+    assert set(front["objectives"]) == {"probe_loss:min,kl:min"}
+    out = tmp_path / "out"
+    write_outputs(result, out)
+    assert "Ranked on probe improvement (shared probe set)" in (out / "report.md").read_text()
+
+    without_probe = analyse([_measured(tmp_path / "n.parquet", rows, drop=("probe_improvement", "probe_loss"))])
+    assert without_probe.presets[0].basis == "held-out improvement on different rows"
+    assert "each scored on its own held-out rows" in without_probe.presets[0].reason
+
+
+TIES = [  # one dataset, improvement_se 0.01: gaps up to 2 x sqrt(2) x 0.01 = 0.028 are ties
+    {"trial_id": "t-hub", "sweep": "targets", "lora_targets": "hub_all", "improvement": 0.200, "kl": 0.020,
+     "trainable_params": 4000},
+    {"trial_id": "t-all", "sweep": "targets", "lora_targets": "all_linear", "improvement": 0.210, "kl": 0.050,
+     "trainable_params": 12000},
+    {"trial_id": "t-attn", "sweep": "targets", "lora_targets": "attn", "improvement": 0.195, "kl": 0.021,
+     "trainable_params": 4500},
+    {"trial_id": "t-o", "sweep": "targets", "lora_targets": "o_proj", "improvement": 0.100, "kl": 0.030,
+     "trainable_params": 3000},
+    {"trial_id": "o-adamw", "sweep": "optimizers", "lora_targets": "hub_all", "improvement": 0.200, "kl": 0.020,
+     "trainable_params": 4000},
+    {"trial_id": "o-lion", "sweep": "optimizers", "optimizer": "lion", "lora_targets": "hub_all",
+     "improvement": 0.190, "kl": 0.040, "trainable_params": 4000},
+]
+
+
+@pytest.fixture(scope="module")
+def ties(tmp_path_factory):
+    return analyse([_measured(tmp_path_factory.mktemp("ties") / "t.parquet", TIES)])
+
+
+def test_ties_are_marked_in_sweep_tables(ties):
+    marks = ties.sweep_tables["targets"].set_index("trial_id")["tied_with_best"].to_dict()
+    assert marks == {"t-all": "best", "t-hub": "yes", "t-attn": "yes", "t-o": "no"}
+
+
+def test_a_trial_dominated_only_within_noise_stays_on_the_front(ties):
+    front = ties.pareto[(ties.pareto["front"] == "loss:min,kl:min") & (ties.pareto["scope_name"] == "targets")]
+    members = front.set_index("trial_id")["within_noise"].to_dict()
+    assert members == {"t-hub": False, "t-all": False, "t-attn": True}  # t-o is clearly dominated by t-hub
+    assert front["noise_known"].all()
+    marks = ties.sweep_tables["targets"].set_index("trial_id")["pareto"]
+    assert marks["t-attn"].startswith("1=") and "1" not in marks["t-o"].split(",")  # t-o: fewest params, front 2
+
+
+def test_tied_trials_for_a_preset_are_listed_and_picked_by_the_tie_breakers(ties, tmp_path):
+    quality = ties.presets[0]
+    assert quality.trial["trial_id"] == "o-adamw"  # tied with t-all; lower kl, fewer params, then trial_id
+    assert set(quality.tied) == {"o-adamw", "t-hub", "t-all", "t-attn", "o-lion"}
+    assert "tie on improvement within noise" in quality.reason
+    write_outputs(ties, tmp_path)
+    assert "# Tied for this preset: o-adamw," in (tmp_path / "presets" / "best_quality.yaml").read_text()
+    surgical = ties.presets[2]  # kl 0.020 and 0.021 tie (kl_se 0.001): fewer params decides
+    assert set(surgical.tied) == {"o-adamw", "t-hub", "t-attn"} and surgical.trial["trainable_params"] == 4000
+
+
+def test_what_mattered_reports_a_spread_within_noise_with_its_numbers(ties):
+    spreads = ties.spreads.set_index("dimension")
+    assert spreads.loc["lora_targets", "verdict"] == "clear"
+    assert spreads.loc["optimizer", "verdict"] == "within noise"
+    assert spreads.loc["optimizer", "difference"] == pytest.approx(0.01)
+    headline = what_mattered_most(ties.spreads)
+    assert headline.startswith("target modules mattered most")
+    assert "Within noise, so not shown to matter: optimizer (held-out improvement 0.2 (adamw) vs 0.19 (lion)" \
+        in headline
+
+
+def test_the_noise_multiplier_changes_what_ties(tmp_path):
+    strict = analyse([_measured(tmp_path / "t.parquet", TIES)], settings=Settings(rules=PresetRules(z=0.5)))
+    assert strict.sweep_tables["targets"].set_index("trial_id")["tied_with_best"]["t-hub"] == "no"
+    assert strict.spreads.set_index("dimension").loc["optimizer", "verdict"] == "clear"
+
+
+def test_the_tie_rule_is_inclusive_and_unknown_without_errors():
+    assert verdict(0.02, 0.01, 2.0) == "within noise" and verdict(0.0201, 0.01, 2.0) == "clear"
+    assert verdict(0.5, float("nan"), 2.0) == "noise unknown"
+    frame = pd.DataFrame({"kl": [0.10, 0.12, 0.2], "kl_se": [0.005, 0.01, float("nan")]})
+    assert ties_with(frame, "kl", 0, 2.0).tolist() == [True, True, None]
+
+
+def test_bad_noise_z_is_refused(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(REFERENCE), "--noise-z", "-1"])
+    assert exit_info.value.code == 2 and "--noise-z: must be > 0" in capsys.readouterr().err
+
+
+def test_a_preset_holds_the_full_resolved_config_of_its_trial(tmp_path):
+    ran = TrialConfig(model="tiny-lfm2", dataset="alpaca", data_source="embedded", grad_accum=1, max_length=256,
+                      eval_examples=16, num_examples=None, max_steps=30, learning_rate=1e-3, lora_rank=4,
+                      hub_layers=[1, 3], lora_targets={"modules": ["out_proj"], "layers": "hub"})
+    other = ran.replace(lora_rank=2)
+    rows = [{**config.to_dict(), "lora_alpha": config.resolved_lora_alpha, "lora_targets": config.targets_label(),
+             "trial_id": trial_id, "sweep": "rank", "status": "completed", "scale": "tiny", "lr_multiplier": 5.0,
+             "scale_rule": "tiny: lr x5", "trainable_params": 100 * config.lora_rank, "train_loss": 3.0,
+             "base_loss": 4.0, "eval_loss": 4.0 - gain, "improvement": gain, "improvement_se": 0.001, "kl": 0.01}
+            for trial_id, config, gain in (("best", ran, 0.5), ("worse", other, 0.1))]
+    experiment = tmp_path / "exp"
+    experiment.mkdir()
+    trials_frame(rows).to_parquet(experiment / "trials.parquet")  # nested values stored as JSON text, as sweeps do
+    assert main([str(experiment), "--quiet"]) == 0
+    path = experiment / "analysis" / "presets" / "best_quality.yaml"
+    text = path.read_text()
+    assert load_config_file(path) == ran.replace(lora_alpha=8)
+    written = yaml.safe_load(text)
+    assert written["grad_accum"] == 1 and written["hub_layers"] == [1, 3] and written["num_examples"] is None
+    comments = _comments(text)
+    assert "trial_id: best" in comments and "lr_multiplier 5" in comments and "improvement 0.5 ± 0.001" in comments
+
+
+def _comments(text: str) -> str:
+    """A preset's comment block as one line (it is wrapped at 116 characters)."""
+    return " ".join(line[2:] for line in text.splitlines() if line.startswith("# "))
+
+
+def test_combined_settings_equal_to_a_measured_trial_say_which_trial(tmp_path):
+    rows = [{"trial_id": "base", "sweep": "lr", "sweeps": "lr,rank", "improvement": 0.30},
+            {"trial_id": "lr-low", "sweep": "lr", "learning_rate": 1e-4, "improvement": 0.10},
+            {"trial_id": "r-4", "sweep": "rank", "lora_rank": 4, "lora_alpha": 8, "improvement": 0.12}]
+    result = analyse([_measured(tmp_path / "c.parquet", rows)])
+    combined = result.presets[-1]
+    assert combined.name == "combined_not_yet_run" and combined.trial["trial_id"] == "base"
+    assert combined.reason.startswith("ALREADY MEASURED") and "trial base" in combined.reason
+    text = preset_yaml(combined)
+    assert "(ALREADY MEASURED as trial base)" in text and "NOT YET RUN" not in text
+    assert "improvement 0.3 ± 0.01" in _comments(text)

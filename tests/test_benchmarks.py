@@ -30,7 +30,8 @@ def test_throughput_compares_plain_trl_with_the_trial_path_on_the_same_tokens():
     assert fast["padding_free"] and not fast["gradient_checkpointing"]
     assert report["same_tokens"] and report["losses_agree"]
     assert plain["losses"][0] == pytest.approx(fast["losses"][0], rel=1e-4)
-    assert report["speedup"] > 0
+    assert report["speedup"] == pytest.approx(fast["tokens_per_s"] / plain["tokens_per_s"])
+    assert fast["tokens_seen"] == plain["tokens_seen"] > 0
 
 
 @pytest.mark.slow

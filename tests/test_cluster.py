@@ -33,7 +33,7 @@ DUMMY_KEY_ID = "AKIATUNELFMDUMMY7Q3Z"
 DUMMY_SECRET = "tuneLfmDummySecret/never-leaks+5b1f0c9e"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "RAY_DEDUP_LOGS": "0",
        "RAY_AUTH_MODE": "token", "AWS_ACCESS_KEY_ID": DUMMY_KEY_ID, "AWS_SECRET_ACCESS_KEY": DUMMY_SECRET}
-TINY_TRIAL = "fixed: {dataset: alpaca, max_steps: 60, num_examples: 320}\nmax_failures: 1\n"  # 4 steps at tiny scale
+TINY_TRIAL = "fixed: {dataset: alpaca, max_steps: 20, num_examples: 320}\nmax_failures: 1\n"  # 4 steps at tiny scale
 
 
 def local_cluster_module():

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from tune_lfm.search import with_hub_layers
-from tune_lfm.spaces import load_sweep, plan_trials
+from tune_lfm.spaces import TINY_SCALE, load_sweep, plan_trials
 
 pytestmark = pytest.mark.slow
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "RAY_DEDUP_LOGS": "0"}
@@ -32,9 +32,14 @@ def test_datasets_sweep_end_to_end_writes_both_dataframes(tmp_path):
     for column in ("train_loss", "eval_loss", "base_loss", "kl", "tokens_per_s", "wall_s", "trainable_params"):
         assert trials[column].notna().all(), column
     assert (trials["scale"] == "tiny").all() and (trials["sweep"] == "datasets").all()
+    assert (trials["lr_multiplier"] == TINY_SCALE.lr_multiplier).all() and (trials["scale_rule"] == TINY_SCALE.describe()).all()
+    # the miniature learns: every dataset's held-out gain is well above its noise, and the model really moved
+    learned = trials.set_index("dataset")
+    assert (learned["improvement"] > 3 * learned["improvement_se"]).all(), learned[["improvement", "improvement_se"]]
+    assert (learned["kl"] > 1e-3).all(), learned["kl"]
     history = pd.read_parquet(tmp_path / "exp" / "history.parquet")
     assert set(history["trial_id"]) == set(trials["trial_id"])
-    assert (history.groupby("trial_id")["step"].max() == 20).all()
+    assert (history.groupby("trial_id")["step"].max() == 60).all()
 
     import duckdb
     import polars as pl
@@ -46,7 +51,7 @@ def test_datasets_sweep_end_to_end_writes_both_dataframes(tmp_path):
 
 def test_failures_and_divergence_are_recorded_while_the_sweep_completes(tmp_path):
     space = tmp_path / "faults.yaml"
-    space.write_text("fixed: {dataset: alpaca, max_steps: 60, num_examples: 640, lora_targets: o_proj}\n"
+    space.write_text("fixed: {dataset: alpaca, max_steps: 20, num_examples: 640, lora_targets: o_proj}\n"
                      "sweep: {seed: {grid: [1, 2, 3]}}\nmax_failures: 0\n")
     ok, failing, diverging = [t.trial_id for t in with_hub_layers(plan_trials(load_sweep(str(space)), "tiny"))]
     out = search(space, "--storage", tmp_path, "--name", "faults", "--scale", "tiny",
@@ -61,7 +66,7 @@ def test_failures_and_divergence_are_recorded_while_the_sweep_completes(tmp_path
 def test_optuna_two_objective_search_stores_its_study(tmp_path):
     space = tmp_path / "mo.yaml"
     space.write_text("""
-fixed: {dataset: alpaca, max_steps: 60, num_examples: 640}
+fixed: {dataset: alpaca, max_steps: 20, num_examples: 640}
 sweep:
   learning_rate: {loguniform: [1.0e-4, 3.0e-3]}
   lora_targets: {choice: [hub_oproj, all_linear]}
@@ -81,7 +86,7 @@ search: {algorithm: optuna, sampler: nsga2, num_samples: 3, seed: 1, objectives:
 
 def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path):
     space = tmp_path / "seeds.yaml"
-    space.write_text("fixed: {dataset: alpaca, max_steps: 90, num_examples: 640}\n"
+    space.write_text("fixed: {dataset: alpaca, max_steps: 30, num_examples: 640}\n"
                      "sweep: {seed: {grid: [1, 2, 3, 4]}}\nresources: {max_concurrent: 1}\n")
     trials_file = tmp_path / "seeds" / "trials.parquet"
     driver = subprocess.Popen([sys.executable, "-m", "tune_lfm.search", str(space), "--storage", str(tmp_path),
@@ -105,7 +110,7 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path):
 
 def test_injected_oom_is_recorded_then_recovers_on_retry(tmp_path):
     space = tmp_path / "oom.yaml"
-    space.write_text("fixed: {dataset: alpaca, max_steps: 60, num_examples: 640}\nsweep: {seed: {grid: [1, 2]}}\n"
+    space.write_text("fixed: {dataset: alpaca, max_steps: 20, num_examples: 640}\nsweep: {seed: {grid: [1, 2]}}\n"
                      "max_failures: 1\n")
     plan = subprocess.run([sys.executable, "-m", "tune_lfm.search", str(space), "--dry-run", "--json", "--scale",
                            "tiny"], capture_output=True, text=True, check=True, env=ENV)

@@ -137,13 +137,26 @@ def test_base_distribution_is_real(model, tokenizer):
     assert _loss(model, shuffled) > loss + 1.0, "the model should use word order, not just token frequencies"
 
 
-def test_build_info_records_a_clear_loss_drop(build_info):
-    pretraining = build_info["pretraining"]
-    assert pretraining["initial_loss"] > 8.0
-    assert pretraining["final_loss"] < 4.5
-    assert pretraining["final_heldout_loss"] < pretraining["initial_heldout_loss"] - 3.0
-    assert {"python", "torch", "transformers", "tokenizers"} <= set(build_info["versions"])
-    assert len(build_info["corpus"]["sha256"]) == 64
+def test_the_base_model_knows_chats_but_not_the_study_rows(model, tokenizer, build_info):
+    """Measured now, not read from BUILD_INFO: a chat about a docstring it never saw is well predicted, while the study
+    datasets' held-out rows are new to it, so a trial on any of them has something to learn."""
+    import hashlib
+
+    from tune_lfm.data.loading import embedded_conversations
+    from tune_lfm.data.registry import DATASETS
+
+    def chat_loss(conversation):
+        ids = tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True)["input_ids"][:256]
+        return _loss(model, ids)
+
+    uniform = math.log(len(tokenizer))
+    known = chat_loss([{"role": "user", "content": "What does configfile.parse do?"},
+                       {"role": "assistant", "content": HELDOUT_TEXT}])
+    unseen = sum(chat_loss(embedded_conversations(name, "eval")[0]) for name in DATASETS) / len(DATASETS)
+    assert known < uniform - 3.0 and known + 1.0 < unseen < uniform - 0.5, (known, unseen, uniform)
+    weights = (MODEL_DIR / "model.safetensors").read_bytes()
+    assert hashlib.sha256(weights).hexdigest() == build_info["files"]["model.safetensors"]["sha256"]
+    assert build_info["corpus"]["chat_rows_use"].startswith("tokenizer only")
 
 
 def test_corpus_covers_every_study_dataset(build_info):

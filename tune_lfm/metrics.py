@@ -2,9 +2,13 @@
 
 - `eval_loss` / `base_loss`: mean cross-entropy in nats per assistant token of held-out rows, with the adapter on /
   off. Token-weighted, so long answers count by their length.
+- `improvement` = base_loss - eval_loss: what training gained on rows it never saw.
 - `kl` / `kl_p95`: mean and 95th percentile over assistant tokens of the probe set of
   KL(P_base || P_tuned) = sum_v p_base(v) (log p_base(v) - log p_tuned(v)), in nats, where P is the next-token
   distribution at the position that predicts that token; base = the same model with the adapter disabled.
+- `probe_loss` / `probe_base_loss` / `probe_improvement`: the same losses on the probe set, which every trial of a
+  model shares, so trials trained on different datasets can be ranked on one set of rows.
+- `*_se`: standard error of each mean over conversations (see `ratio_mean_se`).
 - `peak_mem_gb`: peak CUDA memory allocated by this process (GiB) on GPU; peak resident set size on CPU.
 
 Logits over a 65,536-token vocabulary are large, so the LM head runs only on the positions that are scored, in chunks.
@@ -68,43 +72,89 @@ def adapter_disabled(model):
     return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
 
 
-@torch.no_grad()
-def mean_token_loss(model, examples: list[dict], batch_size: int, pad_token_id: int, device,
-                    adapter: bool = True) -> float:
-    """Token-weighted cross-entropy (nats) over assistant tokens; `adapter=False` measures the base model."""
-    total, count = 0.0, 0
-    context = contextlib.nullcontext() if adapter else adapter_disabled(model)
-    with context:
-        for batch in batches(examples, batch_size, pad_token_id):
-            hidden, targets = scored_hidden(model, batch, device)
-            for start in range(0, len(targets), SCORED_CHUNK):
-                log_probs = next_token_log_probs(model, hidden[start : start + SCORED_CHUNK])
-                picked = log_probs.gather(-1, targets[start : start + SCORED_CHUNK, None])
-                total -= picked.sum().item()
-                count += picked.numel()
-    return total / max(count, 1)
+def _scored_rows(batch) -> torch.Tensor:
+    """The conversation (row of `batch`) of every scored position, in `scored_hidden`'s order."""
+    keep = batch["labels"][:, 1:] != IGNORE_INDEX
+    return keep.nonzero()[:, 0]
+
+
+def _per_row_sum(values: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.Tensor:
+    return torch.zeros(num_rows, dtype=torch.float64).index_add_(0, rows, values.detach().double().cpu())
+
+
+def ratio_mean_se(sums: torch.Tensor, counts: torch.Tensor) -> tuple[float, float]:
+    """Token-weighted mean sum(s_i) / sum(n_i) over conversations i and its standard error.
+
+    Conversations, not tokens, are the independent draws (tokens of one answer share its difficulty), so the error is
+    the ratio estimator's: sqrt(k / (k - 1) * sum((s_i - mean * n_i)^2)) / sum(n_i) over k conversations. NaN with
+    fewer than two conversations.
+    """
+    total = counts.sum().item()
+    if total == 0:
+        return float("nan"), float("nan")
+    mean = sums.sum().item() / total
+    k = counts.numel()
+    if k < 2:
+        return mean, float("nan")
+    residual = sums - mean * counts
+    return mean, (k / (k - 1) * (residual**2).sum().item()) ** 0.5 / total
+
+
+def _summary(prefix: str, sums: torch.Tensor, counts: torch.Tensor) -> dict[str, float]:
+    mean, se = ratio_mean_se(sums, counts)
+    return {prefix: mean, f"{prefix}_se": se}
 
 
 @torch.no_grad()
-def per_token_kl(model, examples: list[dict], batch_size: int, pad_token_id: int, device) -> torch.Tensor:
-    """KL(P_base || P_tuned) in nats at every scored probe position (1-D float tensor on CPU)."""
-    values = []
+def _conversation_sums(model, examples: list[dict], batch_size: int, pad_token_id: int, device,
+                       with_kl: bool) -> dict[str, torch.Tensor]:
+    """Per conversation: scored tokens `n`, summed loss with the adapter on (`tuned`) and off (`base`), and with
+    `with_kl` the summed KL(P_base || P_tuned), plus every token's KL (`kl_tokens`)."""
+    parts: dict[str, list[torch.Tensor]] = {"n": [], "tuned": [], "base": [], "kl": [], "kl_tokens": []}
     for batch in batches(examples, batch_size, pad_token_id):
+        rows, num_rows = _scored_rows(batch), batch["input_ids"].shape[0]
         with adapter_disabled(model):
-            base_hidden, _ = scored_hidden(model, batch, device)
+            base_hidden, targets = scored_hidden(model, batch, device)
         tuned_hidden, _ = scored_hidden(model, batch, device)
-        for start in range(0, len(base_hidden), SCORED_CHUNK):
-            base = next_token_log_probs(model, base_hidden[start : start + SCORED_CHUNK])
-            tuned = next_token_log_probs(model, tuned_hidden[start : start + SCORED_CHUNK])
-            kl = (base.exp() * (base - tuned)).sum(-1).clamp_min(0.0)
-            values.append(kl.cpu())
-    return torch.cat(values) if values else torch.zeros(0)
+        base_nll, tuned_nll, kl = [], [], []
+        for start in range(0, len(targets), SCORED_CHUNK):
+            chunk = slice(start, start + SCORED_CHUNK)
+            base = next_token_log_probs(model, base_hidden[chunk])
+            tuned = next_token_log_probs(model, tuned_hidden[chunk])
+            base_nll.append(-base.gather(-1, targets[chunk, None]).squeeze(-1))
+            tuned_nll.append(-tuned.gather(-1, targets[chunk, None]).squeeze(-1))
+            if with_kl:
+                kl.append((base.exp() * (base - tuned)).sum(-1).clamp_min(0.0))
+        parts["n"].append(_per_row_sum(torch.ones(len(rows)), rows, num_rows))
+        parts["base"].append(_per_row_sum(torch.cat(base_nll), rows, num_rows))
+        parts["tuned"].append(_per_row_sum(torch.cat(tuned_nll), rows, num_rows))
+        if with_kl:
+            parts["kl"].append(_per_row_sum(torch.cat(kl), rows, num_rows))
+            parts["kl_tokens"].append(torch.cat(kl).cpu())
+    return {key: torch.cat(values) if values else torch.zeros(0, dtype=torch.float64)
+            for key, values in parts.items()}
 
 
-def kl_summary(per_token: torch.Tensor) -> dict[str, float]:
-    if per_token.numel() == 0:
-        return {"kl": float("nan"), "kl_p95": float("nan")}
-    return {"kl": per_token.mean().item(), "kl_p95": torch.quantile(per_token.double(), 0.95).item()}
+def heldout_measures(model, examples: list[dict], batch_size: int, pad_token_id: int, device) -> dict[str, float]:
+    """eval_loss (adapter on) and base_loss (adapter off) on the held-out rows, their difference `improvement`, and
+    standard errors over conversations; improvement's is paired (the same rows both ways), so it is far smaller
+    than either loss's own."""
+    sums = _conversation_sums(model, examples, batch_size, pad_token_id, device, with_kl=False)
+    n = sums["n"]
+    return {**_summary("eval_loss", sums["tuned"], n), **_summary("base_loss", sums["base"], n),
+            **_summary("improvement", sums["base"] - sums["tuned"], n), "eval_rows": int((n > 0).sum().item())}
+
+
+def probe_measures(model, examples: list[dict], batch_size: int, pad_token_id: int, device) -> dict[str, float]:
+    """On the probe set, the same for every trial of a model: KL from the base model (mean, 95th percentile of
+    tokens, standard error over conversations) and the tuned and base losses there, a common basis for comparing
+    trials trained on different datasets."""
+    sums = _conversation_sums(model, examples, batch_size, pad_token_id, device, with_kl=True)
+    n, tokens = sums["n"], sums["kl_tokens"]
+    p95 = torch.quantile(tokens.double(), 0.95).item() if tokens.numel() else float("nan")
+    return {**_summary("kl", sums["kl"], n), "kl_p95": p95, **_summary("probe_loss", sums["tuned"], n),
+            **_summary("probe_base_loss", sums["base"], n),
+            **_summary("probe_improvement", sums["base"] - sums["tuned"], n)}
 
 
 def reset_peak_memory(device) -> None:

@@ -19,9 +19,12 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 TRIAL_COLUMNS = [
-    "trial_id", "sweep", "sweeps", "status", "error", "attempts", "scale", "model", "dataset", "optimizer",
-    "learning_rate", "lora_rank", "lora_alpha", "lora_targets", "hub_layers", "max_steps", "num_examples", "seed",
-    "trainable_params", "total_params", "train_loss", "eval_loss", "base_loss", "kl", "kl_p95", "hub_preserved",
+    "trial_id", "sweep", "sweeps", "status", "error", "attempts", "scale", "scale_rule", "lr_multiplier", "model",
+    "dataset", "optimizer", "learning_rate", "lora_rank", "lora_alpha", "lora_targets", "hub_layers", "max_steps",
+    "num_examples", "seed", "trainable_params", "total_params", "train_loss", "eval_loss", "eval_loss_se",
+    "base_loss", "base_loss_se", "improvement", "improvement_se", "eval_rows", "kl", "kl_se", "kl_p95",
+    "probe_loss", "probe_loss_se", "probe_base_loss", "probe_base_loss_se", "probe_improvement",
+    "probe_improvement_se", "hub_preserved",
     "hub_rank_corr", "hub_topk_jaccard", "tokens_trained", "tokens_per_s", "train_s", "prepare_s", "load_s", "eval_s",
     "wall_s", "peak_mem_gb",
     "rows_skipped", "rows_dropped", "train_rows", "steps_completed", "data_source_used", "device", "precision_used",

@@ -29,7 +29,7 @@ from .interrupts import Interrupts, resume_command
 from .lock import ExperimentLock, in_use_error, live_holder
 from .models import ModelNotFoundError
 from .results import ExperimentRecord, StorageError, check_writable, experiment_exists
-from .spaces import PlannedTrial, Sweep, config_id, load_sweep, plan_trials, scaled_config
+from .spaces import PlannedTrial, Sweep, config_id, load_sweep, plan_trials, scale_metadata, scaled_config
 from .targets import needs_hub_layers, parse_spec, resolve_hub_layers, targets_for_model
 from .validate import check_sweep
 
@@ -571,7 +571,7 @@ def run_sweep(args: argparse.Namespace, sweep: Sweep, scale: str, overrides: dic
     max_concurrent = args.max_concurrent or sweep.resources.get("max_concurrent")
     log(f"experiment: {experiment_dir}; per trial {cpus} CPU, {gpus:g} GPU; max concurrent "
         f"{max_concurrent or 'as resources allow'}")
-    meta = {"scale": scale, "gpus_per_trial": gpus}
+    meta = {**scale_metadata(scale), "gpus_per_trial": gpus}
     scheduler = None
     if sweep.scheduler:
         from ray.tune.schedulers import ASHAScheduler

@@ -20,7 +20,7 @@ A sweep file (see `search_spaces/`):
 
 Scales: `full` runs the file as written; `tiny` (no GPU) swaps in the embedded model and the study datasets'
 embedded rows (user datasets keep their declared path or hub id) and shrinks steps, rows and lengths (see
-`TINY_SCALE`) so a sweep runs on a laptop CPU in minutes.
+`TinyScale`) so a sweep runs on a laptop CPU in minutes.
 """
 
 from __future__ import annotations
@@ -47,10 +47,43 @@ SAMPLERS = ("tpe", "nsga2")
 OBJECTIVE_METRICS = ("train_loss", "eval_loss", "kl", "kl_p95", "trainable_params", "wall_s", "peak_mem_gb")
 RESOURCE_KEYS = ("gpus_per_trial", "cpus_per_trial", "max_concurrent", "max_trials_per_gpu")
 
-TINY_SCALE = {"steps_divisor": 15, "min_steps": 4, "examples_divisor": 20, "min_examples": 16, "max_length": 256,
-              "grad_accum": 1, "eval_examples": 16}
-"""Tiny scale: steps / 15 (300 -> 20), rows / 20 (2000 -> 100), max_length <= 256, no gradient accumulation, 16
-held-out rows; the embedded model and embedded data. Ratios between trials (e.g. the duration sweep) are kept."""
+@dataclass(frozen=True)
+class TinyScale:
+    """How a sweep shrinks to CPU size while staying a miniature of itself.
+
+    Every trial's steps and rows are divided by the same numbers, so the ratios between the trials of a sweep (the
+    duration sweep's 100 vs 1000 steps) stay as the YAML says. The learning rate is multiplied by the factor the steps
+    are divided by: with Adam a step moves each weight by about the learning rate, so steps x rate, how far an adapter
+    can travel from zero, stays what the YAML asks for. One factor for every trial keeps the learning-rate sweep's
+    1e-4 : 1e-3 ratio.
+    """
+
+    steps_divisor: int = 5
+    min_steps: int = 4
+    examples_divisor: int = 20
+    min_examples: int = 16
+    max_length: int = 256
+    grad_accum: int = 1
+    eval_examples: int = 20
+
+    @property
+    def lr_multiplier(self) -> float:
+        return float(self.steps_divisor)
+
+    def describe(self) -> str:
+        return (f"embedded model and data; steps/{self.steps_divisor} (min {self.min_steps}), rows/"
+                f"{self.examples_divisor} (min {self.min_examples}), learning rate x{self.lr_multiplier:g}, "
+                f"max_length <= {self.max_length}, grad_accum {self.grad_accum}, {self.eval_examples} held-out rows")
+
+
+TINY_SCALE = TinyScale()
+
+
+def scale_metadata(scale: str) -> dict[str, Any]:
+    """What a scale did to the YAML's settings, stored in every row of trials.parquet."""
+    if scale == "tiny":
+        return {"scale": scale, "scale_rule": TINY_SCALE.describe(), "lr_multiplier": TINY_SCALE.lr_multiplier}
+    return {"scale": scale, "scale_rule": "settings as written", "lr_multiplier": 1.0}
 
 
 @dataclass
@@ -225,19 +258,20 @@ def load_sweep(name_or_path: str, _seen: tuple[str, ...] = ()) -> Sweep:
 
 
 def scaled_config(config: TrialConfig, scale: str) -> TrialConfig:
-    """A trial at a scale; `tiny` keeps the sweep's shape (ratios between trials) while fitting a CPU (TINY_SCALE)."""
+    """A trial at a scale: `full` as written; `tiny` shrunk by `TINY_SCALE`, keeping the sweep's ratios."""
     if scale == "full":
         return config
     from .data.registry import DATASETS
 
     t = TINY_SCALE
     own_data = config.dataset in DATASETS and not (config.user_datasets or {}).get(config.dataset)
-    changes = {"model": EMBEDDED_MODEL, "data_source": "embedded" if own_data else "hub", "grad_accum": t["grad_accum"], "hub_layers": None,
-               "eval_examples": min(config.eval_examples, t["eval_examples"]),
-               "max_length": min(config.max_length, t["max_length"]),
-               "max_steps": max(t["min_steps"], round(config.max_steps / t["steps_divisor"]))}
+    changes = {"model": EMBEDDED_MODEL, "data_source": "embedded" if own_data else "hub", "grad_accum": t.grad_accum,
+               "hub_layers": None, "eval_examples": min(config.eval_examples, t.eval_examples),
+               "max_length": min(config.max_length, t.max_length),
+               "max_steps": max(t.min_steps, round(config.max_steps / t.steps_divisor)),
+               "learning_rate": config.learning_rate * t.lr_multiplier}
     if config.num_examples is not None:
-        changes["num_examples"] = max(t["min_examples"], round(config.num_examples / t["examples_divisor"]))
+        changes["num_examples"] = max(t.min_examples, round(config.num_examples / t.examples_divisor))
     return config.replace(**changes)
 
 

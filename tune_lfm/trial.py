@@ -22,8 +22,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from .config import FIELD_NAMES, ConfigError, TrialConfig, config_from_dict, load_config_file
-from .validate import check_output_dir, check_trial
+from .progress import StepProgress
+from .spaces import scale_metadata, scaled_config
 from .targets import ResolvedTargets, parse_layers_arg, parse_targets_arg
+from .validate import check_output_dir, check_trial
 
 if TYPE_CHECKING:
     from .memory import MicroBatchPlan
@@ -174,8 +176,7 @@ def _step_recorder(reporter: Reporter | None):
     return StepRecorder()
 
 
-def _sft_config(config: TrialConfig, plan: MicroBatchPlan, packing: bool, output_dir: str, bf16: bool,
-                progress: bool):
+def _sft_config(config: TrialConfig, plan: MicroBatchPlan, packing: bool, output_dir: str, bf16: bool):
     from trl import SFTConfig
 
     from .optim import uses_own_schedule
@@ -190,7 +191,7 @@ def _sft_config(config: TrialConfig, plan: MicroBatchPlan, packing: bool, output
         gradient_checkpointing=plan.gradient_checkpointing, torch_compile=config.torch_compile, bf16=bf16, fp16=False,
         seed=config.seed, data_seed=config.seed, logging_steps=config.logging_steps, logging_nan_inf_filter=False,
         include_num_input_tokens_seen="non_padding", save_strategy="no", eval_strategy="no", report_to="none",
-        disable_tqdm=not progress, dataloader_num_workers=0, use_cpu=not _cuda_available(),
+        disable_tqdm=True, dataloader_num_workers=0, use_cpu=not _cuda_available(),
     )
 
 
@@ -253,7 +254,7 @@ def measure_trial_memory(config: TrialConfig, log: Callable[[str], None] = print
 
 
 def run_trial(config: TrialConfig, reporter: Reporter | None = None, save_adapter: str | None = None,
-              progress: bool = False, log: Callable[[str], None] = print,
+              log: Callable[[str], None] = print,
               gpu_share: float | None = None) -> dict[str, Any]:
     """Train one adapter and measure it. Raises on bad input; a NaN/inf loss returns status `diverged`.
 
@@ -291,7 +292,7 @@ def run_trial(config: TrialConfig, reporter: Reporter | None = None, save_adapte
     recorder = _step_recorder(reporter)
     optimizer = build_optimizer(config.optimizer, model.parameters(), config.learning_rate, config.weight_decay)
     with tempfile.TemporaryDirectory(prefix="tune_lfm_trial_") as output_dir:
-        trainer = SFTTrainer(model=model, args=_sft_config(config, plan, packing, output_dir, bf16, progress),
+        trainer = SFTTrainer(model=model, args=_sft_config(config, plan, packing, output_dir, bf16),
                              train_dataset=Dataset.from_list(data.train), processing_class=tokenizer,
                              optimizers=(optimizer, None), callbacks=[recorder])
         trainer.remove_callback(PrinterCallback)  # it prints log dicts to stdout, where our JSON goes
@@ -301,9 +302,8 @@ def run_trial(config: TrialConfig, reporter: Reporter | None = None, save_adapte
     eval_start = time.perf_counter()
 
     pad = tokenizer.pad_token_id
-    eval_loss = metrics.mean_token_loss(model, data.eval, config.kl_batch_size, pad, device, adapter=True)
-    base_loss = metrics.mean_token_loss(model, data.eval, config.kl_batch_size, pad, device, adapter=False)
-    kl = metrics.kl_summary(metrics.per_token_kl(model, data.probe, config.kl_batch_size, pad, device))
+    heldout = metrics.heldout_measures(model, data.eval, config.kl_batch_size, pad, device)
+    probe = metrics.probe_measures(model, data.probe, config.kl_batch_size, pad, device)
     hub = hub_preservation(model, tokenizer, config, log)
     eval_s = time.perf_counter() - eval_start
     adapter_error = None
@@ -320,7 +320,7 @@ def run_trial(config: TrialConfig, reporter: Reporter | None = None, save_adapte
         "lora_alpha": config.resolved_lora_alpha, "lora_targets": config.targets_label(),
         "status": "diverged" if recorder.diverged_at is not None else "completed",
         "error": f"non-finite loss at step {recorder.diverged_at}" if recorder.diverged_at is not None else None,
-        "train_loss": _train_loss(recorder.history), "eval_loss": eval_loss, "base_loss": base_loss, **kl, **hub,
+        "train_loss": _train_loss(recorder.history), **heldout, **probe, **hub,
         "trainable_params": trainable, "total_params": total, "target_modules": len(targets.module_names),
         "target_layers": list(targets.layers), "steps_completed": int(trainer.state.global_step),
         "tokens_trained": tokens, "train_s": train_s, "tokens_per_s": tokens / train_s if train_s > 0 else math.nan,
@@ -364,6 +364,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grad-accum", type=int)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--data-source", choices=["auto", "embedded", "hub"])
+    parser.add_argument("--scale", choices=["tiny", "full"], default="full",
+                        help="full: the settings as given; tiny: shrink them exactly as a tiny-scale sweep does "
+                             "(embedded model and data, see README 'Tiny scale'). A preset written by the analysis "
+                             "already holds the settings as run: give it without --scale")
     parser.add_argument("--save-adapter", metavar="DIR")
     parser.add_argument("--history", action="store_true", help="include the per-step history in the JSON")
     args = parser.parse_args(argv)
@@ -373,12 +377,15 @@ def main(argv: list[str] | None = None) -> int:
         overrides = _cli_overrides(args)
         if "lora_targets" in overrides:
             overrides["lora_targets"] = parse_targets_arg(overrides["lora_targets"])
-        config = config_from_dict({**base, **overrides}, where=args.config or "command line")
+        config = scaled_config(config_from_dict({**base, **overrides}, where=args.config or "command line"),
+                               args.scale)
         check_trial(config, args.config or "command line")
         if args.save_adapter:
             check_output_dir(args.save_adapter, "--save-adapter")
-        result = run_trial(config, save_adapter=args.save_adapter, progress=sys.stderr.isatty(),
+        result = run_trial(config, reporter=StepProgress(config.max_steps), save_adapter=args.save_adapter,
                            log=lambda line: print(line, file=sys.stderr))
+        if args.scale == "tiny":
+            result.update(scale_metadata(args.scale))
     except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -20,6 +20,16 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m tune_lfm.analysis",
@@ -42,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--surgical-fraction", type=_fraction, default=PresetRules.surgical_fraction,
                         help="most_surgical: share of the sweep's best improvement a trial must reach "
                              "(default %(default)s)")
+    parser.add_argument("--noise-z", type=_positive, default=PresetRules.z, metavar="Z",
+                        help="two values a, b with standard errors sa, sb are tied when |a-b| <= Z*sqrt(sa^2+sb^2); "
+                             "used by tables, fronts, presets and what-mattered (default %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="print only the list of written files")
     return parser
 
@@ -50,7 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         fronts = tuple(parse_objectives(s) for s in args.objectives) if args.objectives else DEFAULT_FRONTS
-        settings = Settings(fronts=fronts, rules=PresetRules(args.efficiency_fraction, args.surgical_fraction))
+        settings = Settings(fronts=fronts, rules=PresetRules(args.efficiency_fraction, args.surgical_fraction,
+                                                                   args.noise_z))
         analysis = analyse(args.paths, reference=args.reference, settings=settings)
         out = args.out or default_output(args.paths[0])
         files = write_outputs(analysis, out)

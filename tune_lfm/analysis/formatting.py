@@ -11,8 +11,9 @@ import pandas as pd
 
 THOUSANDS = ("trainable_params", "total_params", "tokens_trained", "published_params")
 PLAIN_INTEGERS = ("lora_rank", "lora_alpha", "max_steps", "num_examples", "seed", "rows_skipped", "n_trials",
-                  "n_values", "n_published")
+                  "eval_rows", "n_values", "n_published")
 RATIOS = ("ratio",)
+PERCENTAGES = ("relative_gap",)
 
 SHORT_NAMES = {"learning_rate": "lr", "lora_rank": "r", "lora_alpha": "alpha", "max_steps": "steps",
                "num_examples": "n", "seed": "seed"}
@@ -41,6 +42,8 @@ def format_value(column: str, value: object) -> str:
         return str(int(value))
     if column in RATIOS:
         return f"{float(value):.2f}×"
+    if column in PERCENTAGES:
+        return f"{float(value):.1%}"
     return f"{float(value):.4g}"
 
 

@@ -11,12 +11,13 @@ import pandas as pd
 from .compare import compare_with_reference
 from .derive import add_derived
 from .load import TrialData, expand_sweeps, is_uri, load_trials, split_completed
-from .pareto import DEFAULT_FRONTS, Front, check_objectives, front_name, on_front, pareto_table
+from .pareto import DEFAULT_FRONTS, Front, check_objectives, front_membership, front_name, pareto_table, resolve
 from .plots import plot_fronts, plot_loss_curves, plot_spreads
 from .presets import Preset, PresetRules, choose_presets, write_presets
 from .report import to_html, to_markdown
 from .sections import report_blocks
-from .tables import DEFAULT_TIER_THRESHOLDS, dimension_spreads, sweep_table
+from .spreads import dimension_spreads
+from .tables import DEFAULT_TIER_THRESHOLDS, sweep_table
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,11 @@ class Settings:
     fronts: tuple[Front, ...] = DEFAULT_FRONTS
     rules: PresetRules = PresetRules()
     tier_thresholds: tuple[float, ...] = DEFAULT_TIER_THRESHOLDS
+
+    @property
+    def z(self) -> float:
+        """The noise multiplier of the tie rule (`noise.py`), shared by tables, fronts, presets and spreads."""
+        return self.rules.z
 
 
 @dataclass
@@ -45,12 +51,15 @@ class Analysis:
     files: dict[str, Path] = field(default_factory=dict)
 
 
-def _front_marks(sweep: pd.DataFrame, fronts: Sequence[Front]) -> pd.Series:
-    """Per trial, the numbers (1-based) of the fronts it is on within its sweep, e.g. `1,3`."""
+def _front_marks(sweep: pd.DataFrame, fronts: Sequence[Front], z: float) -> pd.Series:
+    """Per trial, the numbers (1-based) of the fronts it is on within its sweep, e.g. `1,3`; `3=` where it is on
+    front 3 only within noise."""
     marks = pd.Series("", index=sweep.index, dtype=object)
     for number, front in enumerate(fronts, start=1):
-        member = on_front(sweep, front)
-        marks[member] = marks[member].map(lambda m, n=number: f"{m},{n}" if m else str(n))
+        membership = front_membership(sweep, resolve(front, sweep), z)
+        for index in sweep.index[membership["member"]]:
+            mark = f"{number}=" if membership.at[index, "within_noise"] else str(number)
+            marks[index] = f"{marks[index]},{mark}" if marks[index] else mark
     return marks
 
 
@@ -61,11 +70,12 @@ def analyse(paths: Sequence[str | Path], reference: str | Path | None = None,
     check_objectives(data.trials, settings.fronts)
     done, others = split_completed(data.trials, data.sources)
     done = add_derived(expand_sweeps(done))
-    tables = {str(name): sweep_table(sweep, _front_marks(sweep, settings.fronts), settings.tier_thresholds)
+    tables = {str(name): sweep_table(sweep, _front_marks(sweep, settings.fronts, settings.z), settings.z,
+                                     settings.tier_thresholds)
               for name, sweep in done.groupby("sweep", sort=False)}
-    spreads = dimension_spreads(done)
-    analysis = Analysis(data, done, others, settings, pareto_table(done, settings.fronts), tables, spreads,
-                        choose_presets(done, spreads, settings.rules))
+    spreads = dimension_spreads(done, settings.z)
+    analysis = Analysis(data, done, others, settings, pareto_table(done, settings.fronts, settings.z), tables,
+                        spreads, choose_presets(done, spreads, settings.rules))
     if reference is not None:
         analysis.reference = load_trials([reference]).trials
         analysis.comparison, analysis.unmatched_reference = compare_with_reference(done, analysis.reference)
@@ -86,7 +96,8 @@ def write_outputs(analysis: Analysis, out: Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
     for front, path in zip(analysis.settings.fronts, plot_fronts(analysis.done, analysis.others,
-                                                                  list(analysis.settings.fronts), out / "plots")):
+                                                                  list(analysis.settings.fronts), analysis.settings.z,
+                                                                  out / "plots")):
         files[f"plot {front_name(front)}"] = path
     for name, path in (("plot spreads", plot_spreads(analysis.spreads, out / "plots" / "what_mattered.png")),
                        ("plot loss curves", plot_loss_curves(analysis.data.history, analysis.done,

@@ -16,7 +16,8 @@ import pandas as pd
 import PIL.Image
 from matplotlib.figure import Figure
 
-from .pareto import EXPERIMENT, Front, front_name, on_front, scopes
+from .pareto import EXPERIMENT, Front, front_membership, front_name, resolve, scopes
+from .noise import TIED
 from .tables import DIMENSION_NAMES
 
 MAX_LABELLED = 12
@@ -80,15 +81,22 @@ def _draw_not_completed(axis, others: pd.DataFrame, x: str, y: str) -> None:
         axis.text(0.99, 0.99, f"off the axes: {counts}", transform=axis.transAxes, ha="right", va="top", fontsize=7)
 
 
-def _front_panel(axis, trials: pd.DataFrame, others: pd.DataFrame, front: Front, title: str, labels: pd.Series):
+def _front_panel(axis, trials: pd.DataFrame, others: pd.DataFrame, front: Front, z: float, title: str,
+                 labels: pd.Series):
+    front = resolve(front, trials)
     x, y = front[0].column, front[1].column
-    members = on_front(trials, front)
+    membership = front_membership(trials, front, z)
+    members, loose = membership["member"], membership["within_noise"]
+    exact = members & ~loose
     sizes = _sizes(trials[front[2].column]) if len(front) > 2 else np.full(len(trials), 40.0)
     axis.scatter(trials[x], trials[y], s=sizes, color=OTHER_COLOUR, alpha=0.7, label="completed")
-    axis.scatter(trials.loc[members, x], trials.loc[members, y], s=sizes[members.to_numpy()], color=FRONT_COLOUR,
+    axis.scatter(trials.loc[exact, x], trials.loc[exact, y], s=sizes[exact.to_numpy()], color=FRONT_COLOUR,
                  edgecolor="black", zorder=3, label="Pareto front")
+    if loose.any():
+        axis.scatter(trials.loc[loose, x], trials.loc[loose, y], s=sizes[loose.to_numpy()], facecolor="none",
+                     edgecolor=FRONT_COLOUR, linewidth=1.5, zorder=3, label=f"dominated only within noise (Z={z:g})")
     if len(front) == 2:
-        path = trials[members].sort_values([x, y])
+        path = trials[exact].sort_values([x, y])
         axis.plot(path[x], path[y], color=FRONT_COLOUR, linewidth=1, zorder=2)
     label_all = len(trials) <= MAX_LABELLED
     for position, (index, row) in enumerate(trials.sort_values(x).iterrows()):
@@ -103,11 +111,13 @@ def _front_panel(axis, trials: pd.DataFrame, others: pd.DataFrame, front: Front,
     axis.set_xlabel(_axis_label(front[0]))
     axis.set_ylabel(_axis_label(front[1]))
     suffix = f"; marker size: {front[2].column}" if len(front) > 2 else ""
-    axis.set_title(title + suffix, fontsize=9)
+    noise = "" if membership["noise_known"].all() else "; noise unknown"
+    axis.set_title(title + suffix + noise, fontsize=9)
     axis.grid(alpha=0.3)
 
 
-def plot_fronts(done: pd.DataFrame, others: pd.DataFrame, fronts: list[Front], directory: Path) -> list[Path]:
+def plot_fronts(done: pd.DataFrame, others: pd.DataFrame, fronts: list[Front], z: float,
+                directory: Path) -> list[Path]:
     """One PNG per front; every trial drawn, the front highlighted and labelled by what varied in its sweep."""
     directory.mkdir(parents=True, exist_ok=True)
     written = []
@@ -117,7 +127,7 @@ def plot_fronts(done: pd.DataFrame, others: pd.DataFrame, fronts: list[Front], d
         for axis, (kind, name, trials) in zip(axes, parts):
             in_scope = others if kind == EXPERIMENT else others[others["sweep"] == name]
             labels = (trials["sweep"] + ": " + trials["label"]) if kind == EXPERIMENT else trials["label"]
-            _front_panel(axis, trials, in_scope, front, f"{kind} {name}" if kind != EXPERIMENT else name, labels)
+            _front_panel(axis, trials, in_scope, front, z, f"{kind} {name}" if kind != EXPERIMENT else name, labels)
         axes[0].legend(fontsize=7, loc="best")
         figure.suptitle(f"Pareto front: {front_name(front)}")
         path = directory / f"{file_stem(front)}.png"
@@ -127,20 +137,23 @@ def plot_fronts(done: pd.DataFrame, others: pd.DataFrame, fronts: list[Front], d
 
 
 def plot_spreads(spreads: pd.DataFrame, path: Path) -> Path | None:
-    """Horizontal bars: worst/best train_loss ratio attributable to each setting."""
+    """Horizontal bars: the best-to-worst difference each setting caused on its basis, with two standard errors of
+    that difference as an error bar where known; settings within noise are drawn pale."""
     if spreads.empty:
         return None
     ordered = spreads.iloc[::-1]
-    figure = Figure(figsize=(7, 0.5 * len(ordered) + 1.5), layout="constrained")
+    figure = Figure(figsize=(9, 0.5 * len(ordered) + 1.5), layout="constrained")
     axis = figure.subplots()
     names = [DIMENSION_NAMES[d] for d in ordered["dimension"]]
-    axis.barh(names, ordered["ratio"], color="tab:blue")
+    colours = ["0.75" if v == TIED else "tab:blue" for v in ordered["verdict"]]
+    errors = (2 * ordered["difference_se"]).fillna(0).to_numpy()
+    axis.barh(names, ordered["difference"], color=colours, xerr=errors, capsize=3)
     for i, row in enumerate(ordered.itertuples()):
-        axis.annotate(f" {row.ratio:.2f}×  ({row.best_value} {row.best_loss:.3g} -> {row.worst_value} "
-                      f"{row.worst_loss:.3g})", (row.ratio, i), va="center", fontsize=7)
-    axis.set_xlim(1, 1 + max(ordered["ratio"].max() - 1, 0.05) * 2.2)
-    axis.set_xlabel("worst / best train_loss")
-    axis.set_title("What mattered most: loss spread per setting", fontsize=10)
+        axis.annotate(f"  {row.best_value} {row.best_score:.3g} vs {row.worst_value} {row.worst_score:.3g} "
+                      f"({row.verdict})", (row.difference, i), va="center", fontsize=7)
+    axis.set_xlim(0, max(ordered["difference"].max(), 1e-9) * 2.2)
+    axis.set_xlabel("best-to-worst difference (nats) on: " + "; ".join(ordered["basis"].unique()), fontsize=8)
+    axis.set_title("What mattered most: spread per setting (pale: within noise)", fontsize=10)
     path.parent.mkdir(parents=True, exist_ok=True)
     _save(figure, path)
     return path

@@ -13,7 +13,8 @@ CONFIG_COLUMNS = (
     "model", "dataset", "optimizer", "learning_rate", "lora_rank", "lora_alpha", "lora_targets",
     "max_steps", "num_examples", "seed",
 )
-"""Settings that define a trial; also exactly the keys a preset YAML may hold."""
+"""Settings that name a trial in labels, tables and comparisons (a preset holds these and every other TrialConfig field
+that differs from its default, see `preset_config`)."""
 
 REQUIRED_COLUMNS = ("train_loss", "kl", "trainable_params")
 """Without these there is no front, no preset and no table to make."""
@@ -22,11 +23,10 @@ NUMERIC_COLUMNS = (
     "learning_rate", "lora_rank", "lora_alpha", "max_steps", "num_examples", "seed", "trainable_params",
     "total_params", "train_loss", "eval_loss", "base_loss", "kl", "kl_p95", "hub_rank_corr", "hub_topk_jaccard",
     "tokens_trained", "tokens_per_s", "wall_s", "peak_mem_gb", "rows_skipped",
+    "eval_loss_se", "base_loss_se", "eval_rows", "improvement", "improvement_se", "kl_se", "probe_loss",
+    "probe_base_loss", "probe_improvement", "probe_improvement_se", "probe_loss_se", "lr_multiplier",
 )
 """Columns that must hold numbers (or be empty) wherever they appear."""
-
-INTEGER_KEYS = ("lora_rank", "lora_alpha", "max_steps", "num_examples", "seed")
-"""Config keys written as integers in presets (CSV readers turn them into floats when a cell is empty)."""
 
 HISTORY_COLUMNS = ("trial_id", "step", "loss")
 """What history.parquet must hold for the loss-curve plot."""

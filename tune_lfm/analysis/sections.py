@@ -8,12 +8,15 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from .basis import ranking_basis
+from .critique import critique_blocks
 from .derive import describe_basis, varied_columns
 from .formatting import format_value, setting_label
 from .pareto import EXPERIMENT, front_name
 from .presets import COMBINED
 from .report import Block, Heading, Image, Paragraph, Table
-from .tables import DIMENSION_NAMES, fixed_settings, what_mattered_most
+from .spreads import what_mattered_most
+from .tables import DIMENSION_NAMES, fixed_settings
 
 if TYPE_CHECKING:
     from .pipeline import Analysis
@@ -23,12 +26,26 @@ SUMMARY_SETTINGS = ["dataset", "optimizer", "learning_rate", "lora_rank", "lora_
 ERROR_CHARS = 160
 
 DEFINITIONS = (
-    "improvement = reference_loss - train_loss (nats per token), where reference_loss is the trial's base_loss "
-    "(the untuned model's loss on held-out rows of the same dataset) when it has one, else the worst train_loss "
-    "among completed trials of its sweep. efficiency = improvement per million trainable parameters "
-    "(improvement / (trainable_params / 1e6)). A trial is on a Pareto front when no other trial is at least as good "
-    "in every objective and strictly better in one; ties and duplicates stay on the front together. Only completed "
-    "trials with a train_loss count; the rest are listed at the end.")
+    "improvement = base_loss - eval_loss (nats per token): the same held-out rows of the trial's dataset scored with "
+    "the adapter off and on, i.e. what training gained there; improvement_se is its paired standard error over the "
+    "held-out conversations. Tables without held-out numbers fall back to the worst train_loss of the sweep minus "
+    "the trial's own (relative within a sweep, on training rows). probe_improvement = probe_base_loss - probe_loss "
+    "on the shared probe set, the same conversations for every trial. efficiency = improvement per million "
+    "trainable parameters. Rankings use one basis, stated with each table: held-out improvement within one dataset; "
+    "probe improvement when trials of different datasets are ranked against each other (own held-out improvement "
+    "shown beside it); train_loss only where nothing held out was measured. Only completed trials with a "
+    "train_loss count; the rest are listed at the end.")
+TIE_RULE = (
+    "Ties: two values a, b with standard errors sa, sb are tied when |a-b| <= {z:g} x sqrt(sa^2 + sb^2) "
+    "(--noise-z). Quality is compared on improvement with its paired standard error, which leaves out how hard each "
+    "held-out conversation is (shared by every trial of a dataset) and so is far tighter than eval_loss_se; eval_loss "
+    "of trials on the same rows is judged the same way. Where a metric has no standard error the noise is unknown "
+    "and no gap on it is called a win.")
+FRONTS = (
+    "A trial is on a Pareto front when no other trial dominates it (at least as good in every objective, better in "
+    "one) by more than the noise in some objective; one dominated only within noise stays on the front, marked "
+    "'=' in the sweep tables' pareto column and within_noise in the front tables. The objective `loss` is the "
+    "scope's basis: eval_loss within one dataset, probe_loss across datasets, train_loss without held-out numbers.")
 
 
 def _inputs(analysis: Analysis) -> list[Block]:
@@ -49,6 +66,7 @@ def _inputs(analysis: Analysis) -> list[Block]:
 def _definitions(analysis: Analysis) -> list[Block]:
     fronts = "; ".join(f"front {i}: {front_name(f)}" for i, f in enumerate(analysis.settings.fronts, start=1))
     return [Heading("Definitions"), Paragraph(DEFINITIONS), Paragraph(describe_basis(analysis.done)),
+            Paragraph(TIE_RULE.format(z=analysis.settings.z)), Paragraph(FRONTS),
             Paragraph(f"Fronts (numbered in the sweep tables' pareto column): {fronts}.")]
 
 
@@ -63,10 +81,23 @@ def _spreads(analysis: Analysis, out: Path) -> list[Block]:
         table = analysis.spreads.drop(columns="best_raw").assign(
             dimension=analysis.spreads["dimension"].map(DIMENSION_NAMES))
         blocks += [Table(table), Paragraph(
-            "ratio = worst / best mean train_loss over the values of the setting; controlled: trials of one sweep "
-            "that differ only in that setting (held_fixed shows the rest); marginal: mean per value over all trials, "
-            "other settings varying too.")]
+            "best_score / worst_score: mean score per value of the setting on the basis named (gains: higher is "
+            "better; train_loss: lower); difference_se: standard error of their difference; verdict: the tie rule "
+            "applied to it (next_verdict: to the best against the next value); ratio = worst / best train_loss, "
+            "given on the train_loss basis only. controlled: trials of one sweep that differ only in that setting "
+            "(held_fixed shows the rest); marginal: mean per value over all trials, other settings varying too.")]
     return blocks + _image(analysis, "plot spreads", out, "loss spread per setting")
+
+
+def _listed(trial_ids: list[str], most: int = 4) -> str:
+    more = len(trial_ids) - most
+    return ", ".join(trial_ids[:most]) + (f" and {more} more" if more > 0 else "")
+
+
+def _preset_status(preset) -> str:
+    if preset.name != COMBINED:
+        return ""
+    return f" (already measured as trial {preset.trial['trial_id']})" if preset.measured else " (not yet run)"
 
 
 def _presets(analysis: Analysis) -> list[Block]:
@@ -74,13 +105,19 @@ def _presets(analysis: Analysis) -> list[Block]:
     for preset in analysis.presets:
         trial = preset.trial if preset.trial is not None else pd.Series(dtype=object)
         rows.append({"preset": preset.name, "file": f"presets/{preset.name}.yaml" if preset.config else "",
+                     "trial_id": trial.get("trial_id"), "basis": preset.basis,
                      "settings": setting_label(pd.Series(preset.config, dtype=object), SUMMARY_SETTINGS),
-                     **{c: trial.get(c) for c in ("train_loss", "kl", "trainable_params", "efficiency")}})
-    blocks: list[Block] = [Heading("Presets"), Table(pd.DataFrame(rows))]
+                     **{c: trial.get(c) for c in ("improvement", "improvement_se", "probe_improvement",
+                                                  "probe_improvement_se", "train_loss", "kl", "kl_se",
+                                                  "trainable_params")},
+                     "tied_with": _listed(preset.tied[1:])})
+    table = pd.DataFrame(rows)
+    table = table[[c for c in table.columns if table[c].notna().any() and (table[c] != "").any()]]
+    blocks: list[Block] = [Heading("Presets"), Table(table)]
     for preset in analysis.presets:
-        marker = " (not yet run)" if preset.name == COMBINED else ""
-        blocks.append(Paragraph(f"{preset.name}{marker}. Rule: {preset.rule}. Why: {preset.reason}."))
-    blocks.append(Paragraph("Each YAML runs as is: python -m tune_lfm.trial --config presets/NAME.yaml"))
+        blocks.append(Paragraph(f"{preset.name}{_preset_status(preset)}. Rule: {preset.rule}. Why: {preset.reason}."))
+    blocks.append(Paragraph("Each YAML holds the trial's full resolved configuration and reruns it as is: "
+                            "python -m tune_lfm.trial --config presets/NAME.yaml"))
     return blocks
 
 
@@ -89,7 +126,13 @@ def _sweeps(analysis: Analysis) -> list[Block]:
     for name, table in analysis.sweep_tables.items():
         sweep = analysis.done[analysis.done["sweep"] == name]
         varied = ", ".join(DIMENSION_NAMES[c] for c in varied_columns(sweep)) or "nothing"
-        blocks += [Heading(f"Sweep {name}: varies {varied}", 3), Paragraph(f"Held fixed: {fixed_settings(sweep)}.")]
+        basis = ranking_basis(sweep)
+        caption = f"Held fixed: {fixed_settings(sweep)}. Ranked on {basis.name} (tied_with_best)."
+        if basis.caveat:
+            caption += f" Note: {basis.caveat}."
+        if varied_columns(sweep) == ["dataset"] and "tier" not in table:
+            caption += " No dataset tiers: raw losses of different datasets rank how predictable they are."
+        blocks += [Heading(f"Sweep {name}: varies {varied}", 3), Paragraph(caption)]
         blocks.append(Table(table))
     return blocks
 
@@ -102,8 +145,13 @@ def _fronts(analysis: Analysis, out: Path) -> list[Block]:
         objectives = [o.column for o in front]
         table = members.assign(scope=members["scope_name"].where(members["scope"] == EXPERIMENT,
                                                                  "sweep " + members["scope_name"]))
+        resolved = [part.split(":")[0] for spec in members["objectives"].unique() for part in spec.split(",")]
+        shown = [c for c in dict.fromkeys(objectives + resolved) if c in table]
+        unknown = sorted(members.loc[~members["noise_known"].astype(bool), "scope_name"].unique())
+        note = [Paragraph(f"Noise unknown in: {', '.join(unknown)} (no standard errors; compared exactly).")] \
+            if unknown else []
         blocks += [Heading(f"Front {number}: {name}", 3), *_image(analysis, f"plot {name}", out, name),
-                   Table(table[["scope", "sweep", "label", *objectives]])]
+                   Table(table[["scope", "objectives", "sweep", "label", *shown, "within_noise"]]), *note]
     return blocks
 
 
@@ -142,7 +190,10 @@ def _not_counted(analysis: Analysis) -> list[Block]:
 
 def report_blocks(analysis: Analysis, out: Path) -> list[Block]:
     blocks = [*_inputs(analysis), *_definitions(analysis), *_spreads(analysis, out), *_presets(analysis),
-              *_sweeps(analysis), *_fronts(analysis, out), *_comparison(analysis), *_not_counted(analysis)]
+              *_sweeps(analysis), *_fronts(analysis, out), *_comparison(analysis),
+              *critique_blocks(analysis.done, analysis.spreads, analysis.presets, analysis.reference,
+                               analysis.settings.z),
+              *_not_counted(analysis)]
     curves = _image(analysis, "plot loss curves", out, "loss curves")
     if curves:
         blocks += [Heading("Loss curves"), *curves]
