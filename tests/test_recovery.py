@@ -19,7 +19,7 @@ from tune_lfm.spaces import load_sweep, plan_trials
 pytestmark = pytest.mark.slow
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "RAY_DEDUP_LOGS": "0"}
 SPACE = """
-fixed: {dataset: alpaca, max_steps: 60, num_examples: 320, lora_targets: o_proj}
+fixed: {dataset: alpaca, max_steps: 20, num_examples: 320, lora_targets: o_proj}
 sweep:
   variants:
     grid:

@@ -32,7 +32,7 @@ def storage(tmp_path):
 
 @pytest.mark.parametrize("rows,format,dataset,message", [
     (None, "alpaca", "mine", "local file .*nowhere.jsonl does not exist"),
-    ("", "alpaca", "mine", "has 0 usable row.*holds out the first 20"),
+    ("", "alpaca", "mine", r"has 0 usable row.*holds out the first \d+"),
     ('{"instruction": "", "output": "x"}\n' * 40, "alpaca", "mine", r"0 usable row.*40 empty 'instruction'"),
     ('{"instruction": "a", "output": "b"}\n', "chatml", "mine", "unknown format 'chatml'; allowed formats"),
     ("", "alpaca", "no-such-set", "unknown dataset 'no-such-set'; known datasets: alpaca"),
