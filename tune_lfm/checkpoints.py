@@ -202,10 +202,8 @@ def _prune(experiment_dir: str, keep: str, log) -> None:
             if is_checkpoint and relative_adapter_path(entry.path) not in keep_paths:
                 fs.delete_dir(entry.path)
                 removed += 1
-    for trial_id, row in record.rows.items():
-        if trial_id not in kept and isinstance(row.get("adapter_uri"), str):
-            row["adapter_uri"], row["adapter_bytes"] = None, None
-    record.flush()
+    record.update_trials({trial_id: {"adapter_uri": None, "adapter_bytes": None} for trial_id, row in record.rows.items()
+                          if trial_id not in kept and isinstance(row.get("adapter_uri"), str)})
     log(f"keep_adapters={keep}: kept {len(keep_paths)} adapter(s), removed {removed} checkpoint(s)")
 
 

@@ -158,6 +158,13 @@ class ExperimentRecord:
         self.rows[row["trial_id"]] = row
         self.flush()
 
+    def update_trials(self, changes: dict[str, dict[str, Any]]) -> None:
+        """Change columns of recorded trials (this record then writes those rows) and flush once."""
+        for trial_id, values in changes.items():
+            self.owned.add(trial_id)
+            self.rows[trial_id] = {**self.rows[trial_id], **values}
+        self.flush()
+
     def _merge_storage(self) -> None:
         stored = read_parquet(self.trials_uri)
         for row in stored.to_dict("records") if stored is not None else []:
