@@ -296,7 +296,10 @@ def results_callback(experiment_dir: str, meta: dict[str, Any], total: int, vari
             self.finished_before = len(self.record.finished_ids())
 
         def on_trial_start(self, iteration, trials, trial, **info):
-            self.record.drop_history(trial_params(trial.config)["trial_id"], after=resumed_step(trial))
+            trial_id, step = trial_params(trial.config)["trial_id"], resumed_step(trial)
+            if step is not None:
+                log(f"{trial_id} resuming from the checkpoint of step {step}")
+            self.record.drop_history(trial_id, after=step)
 
         def on_trial_recover(self, iteration, trials, trial, **info):
             """Tune will run the trial again: its next actor gets the next attempt number in its config, and the
