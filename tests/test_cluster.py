@@ -249,7 +249,9 @@ found = []
 for process in [me, *me.children(recursive=True)]:
     try:
         name = " ".join(process.cmdline())[:120]
-        found += [[name, c.laddr.ip, c.laddr.port] for c in process.net_connections(kind="inet") if c.status == "LISTEN"]
+        sockets = process.net_connections(kind="inet") if hasattr(process, "net_connections") else process.connections(
+            kind="inet")  # psutil < 6 (olah, in the test extra, pins 5.9)
+        found += [[name, c.laddr.ip, c.laddr.port] for c in sockets if c.status == "LISTEN"]
     except psutil.Error:
         pass
 print(json.dumps(found))
@@ -387,7 +389,8 @@ def test_local_cluster_dashboard_and_job_server_listen_on_loopback_only(cluster)
     dashboards = [p for p in processes if any(arg.endswith("dashboard/dashboard.py") for arg in p.cmdline())]
     assert dashboards
     web_port = int(cluster["state"]["dashboard_url"].rsplit(":", 1)[1])
-    listening = [c.laddr for p in dashboards for c in p.net_connections(kind="inet") if c.status == "LISTEN"]
+    listening = [c.laddr for p in dashboards for c in (p.net_connections(kind="inet") if hasattr(p, "net_connections")
+                                                       else p.connections(kind="inet")) if c.status == "LISTEN"]
     assert web_port in {address.port for address in listening}
     for address in listening:
         if address.port != DASHBOARD_METRIC_PORT:
