@@ -37,7 +37,8 @@ def test_datasets_sweep_end_to_end_writes_both_dataframes(quickstart):
     assert "scale: TINY" in out.stderr
     # a quiet console: the scale line, a line per trial, the results table best first
     assert len(out.stderr.splitlines()) < 50, out.stderr
-    table = out.stdout.splitlines()
+    lines = out.stdout.splitlines()
+    table = lines[max(i for i, line in enumerate(lines) if line.startswith("trial_id")):]  # printed last
     assert table[0].split()[:2] == ["trial_id", "dataset"] and len(table) == 12
     losses = [float(line.split()[3].split("±")[0]) for line in table[2:]]
     assert losses == sorted(losses)
