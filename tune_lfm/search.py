@@ -647,6 +647,8 @@ def run_sweep(args: argparse.Namespace, sweep: Sweep, scale: str, overrides: dic
                                 callbacks=[callback, *trackers],
                                 failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
                                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
+    if not args.verbose:  # Tune warns at every adapter checkpoint that snapshots came close together
+        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     _keep_credentials_out_of_trial_runtime_envs()
     tuner = tune.Tuner(tune.with_resources(trainable, {"cpu": cpus, "gpu": gpus}), param_space=param_space,
                        run_config=run_config,
