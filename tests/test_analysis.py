@@ -568,3 +568,22 @@ def test_combined_settings_equal_to_a_measured_trial_say_which_trial(tmp_path):
     text = preset_yaml(combined)
     assert "(ALREADY MEASURED as trial base)" in text and "NOT YET RUN" not in text
     assert "improvement 0.3 ± 0.01" in _comments(text)
+
+
+def test_a_front_whose_objective_does_not_vary_is_drawn_as_a_ranking_with_one_label_per_trial():
+    """Ten datasets with one adapter size: a scatter would stack them on one vertical line with overprinted labels."""
+    from matplotlib.figure import Figure
+
+    from tune_lfm.analysis.plots import _front_panel
+
+    from tune_lfm.analysis.basis import HELD_OUT_IMPROVEMENT
+
+    trials = pd.DataFrame({"eval_loss": [2.5, 2.1, 2.3], "eval_loss_se": [0.01] * 3, "dataset": ["alpaca"] * 3,
+                           "improvement_basis": [HELD_OUT_IMPROVEMENT] * 3, "trainable_params": [26624] * 3,
+                           "label": ["lr 1e-4", "lr 5e-4", "lr 2e-4"]})
+    front = parse_objectives("loss:min,trainable_params:min")
+    axis = Figure().subplots()
+    _front_panel(axis, trials, trials.iloc[:0], front, 2.0, "sweep datasets", trials["label"])
+    assert [tick.get_text() for tick in axis.get_xticklabels()] == ["lr 5e-4", "lr 2e-4", "lr 1e-4"]
+    assert "every trial has trainable_params = 26,624" in axis.get_title()
+    assert axis.get_ylabel().startswith("eval_loss")

@@ -1,6 +1,7 @@
 """What a sweep leaves: adapters on storage that load and generate, exports that transformers loads, tracker runs
 and an Optuna study holding trials.parquet's numbers, and a trial whose worker is killed mid-way going on from its
-checkpoint. Two sweeps on local Ray serve all assertions (module-scope fixtures)."""
+checkpoint. The quickstart's sweep (tests/conftest.py) and a two-trial Optuna search on local Ray serve all
+assertions."""
 
 import glob
 import json
@@ -27,13 +28,10 @@ def run_module(module, *args, timeout=900, **kwargs):
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory):
-    """The optimizers sweep at tiny scale with MLflow and TensorBoard logging: 4 trials, 4 adapters."""
-    root = tmp_path_factory.mktemp("artifacts")
-    out = run_module("tune_lfm.search", "optimizers", "--scale", "tiny", "--storage", root, "--name", "exp",
-                     "--set", "max_steps=3", "--log", "mlflow", "--log", "tensorboard")
-    assert out.returncode == 0, out.stderr[-3000:]
-    directory = root / "exp"
+def sweep(quickstart):
+    """The quickstart's datasets sweep (tests/conftest.py), run with MLflow and TensorBoard logging: 10 trials, 10
+    adapters."""
+    directory, _ = quickstart
     return directory, pd.read_parquet(directory / "trials.parquet"), pd.read_parquet(directory / "history.parquet")
 
 
@@ -56,7 +54,7 @@ def test_every_trial_leaves_a_peft_adapter_that_loads_and_generates(sweep):
     from peft import PeftModel
 
     directory, trials, _ = sweep
-    assert len(trials) == 4 and set(trials["status"]) == {"completed"}
+    assert len(trials) == 10 and set(trials["status"]) == {"completed"}
     base, tokenizer = tiny_base()
     inputs = prompt_ids(tokenizer)
     for row in trials.itertuples():
@@ -68,7 +66,7 @@ def test_every_trial_leaves_a_peft_adapter_that_loads_and_generates(sweep):
         described = json.loads((adapter / "tune_lfm_trial.json").read_text())
         assert described["trial_id"] == row.trial_id and described["base_model"] == "tiny-lfm2"
         assert described["base_model_revision"].startswith("sha256:")
-        assert described["config"]["optimizer"] == row.optimizer
+        assert described["config"]["dataset"] == row.dataset
         assert described["metrics"]["train_loss"] == pytest.approx(row.train_loss)
         model = PeftModel.from_pretrained(base, str(adapter))
         generated = model.generate(**inputs, max_new_tokens=5, do_sample=False)
@@ -102,7 +100,7 @@ def test_export_best_quality_merged_loads_with_automodel_and_matches_the_adapter
     adapted = PeftModel.from_pretrained(base, best["adapter_uri"])
     with torch.no_grad():
         torch.testing.assert_close(merged(**inputs).logits, adapted(**inputs).logits, rtol=1e-4, atol=1e-4)
-    assert "best_quality" in card and "optimizers" in card
+    assert "best_quality" in card and "datasets" in card
     assert f"| optimizer | {best['optimizer']} |" in card and f"| train_loss | {best['train_loss']:.6g} |" in card
 
 
@@ -147,7 +145,7 @@ def test_keep_adapters_prunes_all_but_the_pareto_front_or_everything(sweep, tmp_
     remaining = {Path(p).parent.name.split("-")[0] for p in glob.glob(str(copy / "*" / "checkpoint_*"))}
     assert remaining == front
     assert set(after.index[after["adapter_uri"].notna()]) == front
-    assert len(glob.glob(str(directory / "*" / "checkpoint_*"))) == 4  # the original is untouched
+    assert len(glob.glob(str(directory / "*" / "checkpoint_*"))) == 10  # the original is untouched
 
 
 def test_mlflow_and_tensorboard_hold_the_numbers_of_the_dataframes(sweep):
@@ -158,12 +156,12 @@ def test_mlflow_and_tensorboard_hold_the_numbers_of_the_dataframes(sweep):
     client = MlflowClient(tracking_uri=f"sqlite:///{directory}/mlflow.db")
     experiment = client.get_experiment_by_name("exp")
     runs = client.search_runs([experiment.experiment_id])
-    assert len(runs) == 4
+    assert len(runs) == 10
     by_trial = trials.set_index("trial_id")
     for run in runs:
         trial_id = run.data.params["trial/trial_id"]
         row = by_trial.loc[trial_id]
-        assert run.data.params["trial/config/optimizer"] == row["optimizer"]
+        assert run.data.params["trial/config/dataset"] == row["dataset"]
         for metric in ("train_loss", "eval_loss", "base_loss", "kl", "trainable_params", "tokens_trained"):
             assert run.data.metrics[metric] == pytest.approx(float(row[metric]), rel=1e-12), metric
         assert "kind" not in run.data.metrics and "loss" not in run.data.metrics
@@ -192,13 +190,14 @@ def test_bad_tracker_or_artifact_setting_exits_2_naming_it(tmp_path):
 
 
 # ---------------------------------------------------------------- a trial killed mid-way, in an Optuna search
+# (two objectives, NSGA-II: the study stored beside the dataframes holds them, named, with trials.parquet's values)
 
 RESUME_SWEEP = """
 fixed: {dataset: alpaca, num_examples: 32, eval_examples: 4, max_length: 128, max_steps: 16, batch_size: 2,
         grad_accum: 1}
 sweep:
   learning_rate: {loguniform: [1.0e-4, 1.0e-3]}
-search: {algorithm: optuna, sampler: tpe, num_samples: 1, seed: 3, objectives: {train_loss: min, kl: min}}
+search: {algorithm: optuna, sampler: nsga2, num_samples: 2, seed: 3, objectives: {train_loss: min, kl: min}}
 artifacts: {checkpoint_every_steps: 4}
 max_failures: 1
 """
@@ -230,8 +229,8 @@ def checkpoint_registered(experiment: Path) -> bool:
 
 @pytest.fixture(scope="module")
 def killed(tmp_path_factory):
-    """A one-trial Optuna search whose trial's worker process is SIGKILLed once the driver holds a resume checkpoint
-    (every 4 of its 16 steps)."""
+    """A two-trial Optuna search, one trial at a time, whose first trial's worker process is SIGKILLed once the driver
+    holds a resume checkpoint (every 4 of its 16 steps)."""
     root = tmp_path_factory.mktemp("resume")
     (root / "resume.yaml").write_text(RESUME_SWEEP)
     log = open(root / "driver.log", "w")
@@ -253,13 +252,16 @@ def test_killed_trial_resumes_from_its_checkpoint_with_each_step_once(killed):
     from tune_lfm.trial import run_trial
 
     directory, driver_log = killed
-    [first] = [row for _, row in pd.read_parquet(directory / "trials.parquet").iterrows()]
+    trials = pd.read_parquet(directory / "trials.parquet")
+    assert len(trials) == 2 and set(trials["status"]) == {"completed"} and sorted(trials["attempts"]) == [1, 2]
+    [first] = [row for _, row in trials.iterrows() if row["attempts"] == 2]
     history = pd.read_parquet(directory / "history.parquet")
-    assert first["status"] == "completed" and first["attempts"] == 2 and first["steps_completed"] == 16
+    assert first["steps_completed"] == 16
     assert first["resumed_from_step"] in (4, 8, 12)  # the last checkpoint Ray held when the worker died
     assert f"resuming from the checkpoint of step {first['resumed_from_step']:.0f}" in driver_log
-    assert sorted(history["step"]) == list(range(1, 17))
-    [adapter] = glob.glob(str(directory / "*" / "checkpoint_*"))  # the resume checkpoints gave way to the adapter
+    assert sorted(history[history["trial_id"] == first["trial_id"]]["step"]) == list(range(1, 17))
+    # the resume checkpoints gave way to the adapter
+    [adapter] = glob.glob(str(directory / f"{first['trial_id']}-*" / "checkpoint_*"))
     assert adapter == first["adapter_uri"]
 
     described = json.loads((Path(first["adapter_uri"]) / "tune_lfm_trial.json").read_text())
@@ -290,7 +292,7 @@ def test_optuna_dashboard_shows_named_objectives_and_the_dataframe_values(killed
         server.shutdown()
     assert detail["objective_names"] == ["train_loss", "kl"]
     trials = pd.read_parquet(directory / "trials.parquet").set_index("trial_id")
-    assert len(detail["trials"]) == len(trials) == 1
+    assert len(detail["trials"]) == len(trials) == 2
     for shown in detail["trials"]:
         attrs = {a["key"]: a["value"] for a in shown["user_attrs"]}
         row = trials.loc[attrs["trial_id"]]

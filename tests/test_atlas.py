@@ -20,7 +20,7 @@ from tune_lfm.atlas import (PRESERVATION_KEYS, Atlas, compare, default_quota, en
                             select_hubs, tuned_scores)
 from tune_lfm.atlas import __main__ as atlas_cli
 from tune_lfm.atlas import store
-from tune_lfm.atlas.ranking import combine, jaccard, spearman
+from tune_lfm.atlas.ranking import combine, jaccard, quota_forced, spearman
 from tune_lfm.config import ConfigError
 from tune_lfm.models import load_model, load_tokenizer, resolve_model
 
@@ -117,6 +117,8 @@ def test_quotas_are_honoured():
     assert select_hubs(combined, types, 4, {"conv": 2, "full_attention": 2}) == [0, 1, 2, 4]
     assert select_hubs(combined, types, 4, {}) == [0, 1, 3, 5]
     assert select_hubs(combined, types, 3, {"full_attention": 1}) == [0, 1, 4]
+    # the quota brought in the two attention layers, whose scores are the lowest: the plot's legend says so
+    assert quota_forced(combined, [0, 1, 2, 4], 4) == [2, 4] and quota_forced(combined, [0, 1, 3, 5], 4) == []
     assert parse_quota("conv=3, full_attention=1") == {"conv": 3, "full_attention": 1} and parse_quota("none") == {}
     for k, quota, message in [(4, {"mamba": 1}, "this model has"), (4, {"full_attention": 3}, "only 2"),
                               (2, {"conv": 2, "full_attention": 1}, "more than k=2"), (7, {}, "k must be 1-6")]:

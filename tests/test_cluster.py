@@ -24,7 +24,8 @@ import yaml
 
 from tune_lfm.config import ConfigError
 from tune_lfm.results import read_parquet, write_parquet_atomic
-from tune_lfm.search import build_parser, with_hub_layers
+from tune_lfm.planning import with_hub_layers
+from tune_lfm.search import build_parser
 from tune_lfm.spaces import load_sweep, plan_trials
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -241,8 +242,8 @@ def test_sweep_yaml_cannot_run_code(tmp_path):
 
 LISTENERS = """
 import json, os, psutil, ray
-from tune_lfm.search import _connect_ray
-_connect_ray(None)
+from tune_lfm.runner import connect_ray
+connect_ray(None)
 ray.get(ray.remote(lambda: os.getpid()).remote())  # a worker process too
 me = psutil.Process()
 found = []
@@ -428,6 +429,7 @@ def test_the_printed_ray_job_submit_hint_runs_a_sweep_on_the_cluster(cluster):
     cluster README's way of running a sweep): the job picks tiny scale and completes every trial."""
     [submit] = [hint for hint in cluster["hints"] if "ray job submit" in hint]
     command, env = hint_command(submit)
+    command += ["--set", "max_steps=20"]  # the sweep's own entrypoint ends the line: 4 tiny steps per trial
     out = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     assert "scale: TINY" in out.stdout + out.stderr
@@ -435,6 +437,7 @@ def test_the_printed_ray_job_submit_hint_runs_a_sweep_on_the_cluster(cluster):
     [experiment] = [p for p in storage.iterdir() if p.name.startswith("optimizers-tiny-")]
     trials = pd.read_parquet(experiment / "trials.parquet")
     assert len(trials) == 4 and set(trials["status"]) == {"completed"} and (trials["scale"] == "tiny").all()
+    assert (trials["max_steps"] == 4).all()
 
 
 @pytest.mark.slow

@@ -2,7 +2,7 @@
 
 import math
 
-from tune_lfm.console import results_table, trial_line, varied_settings
+from tune_lfm.console import LiveTable, results_table, trial_line, varied_settings
 from tune_lfm.config import TrialConfig
 
 
@@ -26,3 +26,62 @@ def test_a_finished_trial_is_one_line_and_a_failed_one_says_why():
     assert trial_line(rows[0], ["dataset"]) == ("a  dataset=alpaca  completed  eval 2.1000±0.0100  "
                                                 "gain 0.3000±0.0200  kl 0.2000±0.0050  61 s")
     assert trial_line(rows[1], ["dataset"]).endswith("failed: CUDA out of memory")
+
+
+class Terminal:
+    """A stream that says it is a terminal and replays what was written to it as the screen would show it."""
+
+    def __init__(self):
+        self.text = ""
+
+    def isatty(self):
+        return True
+
+    def write(self, text):
+        self.text += text
+
+    def flush(self):
+        pass
+
+    def screen(self) -> list[str]:
+        lines: list[str] = []
+        for chunk in self.text.split("\x1b[1A\x1b[2K"):
+            if chunk is not self.text and lines:  # each erase removes the last completed line
+                lines.pop()
+            lines.extend(chunk.splitlines())
+        return lines
+
+
+def test_live_table_redraws_running_trials_in_place_and_keeps_log_lines_above(monkeypatch):
+    from tune_lfm import console
+
+    terminal = Terminal()
+    monkeypatch.setattr(console.sys, "stderr", terminal)
+    config = TrialConfig(dataset="gsm8k", max_steps=60).to_dict()
+    with LiveTable(["dataset"], stream=terminal, min_interval_s=0) as table:
+        table.start("a1", config)
+        table.step("a1", config, {"step": 30, "loss": 1.23456, "tokens_per_s": 2345.6, "elapsed_s": 60.0})
+        table.start("b2", {**config, "dataset": "dolly"})
+        console.log("a1  dataset=gsm8k  completed")
+        table.finish("a1")
+        screen = terminal.screen()
+        assert screen[0] == "[tune_lfm] a1  dataset=gsm8k  completed"
+        assert screen[1].split() == ["trial_id", "dataset", "status", "step", "loss", "tok/s", "ETA"]
+        assert screen[3].split() == ["b2", "dolly", "starting", "0/60", "-", "-", "?"] and len(screen) == 4
+        table.finish("b2")
+    assert terminal.screen() == ["[tune_lfm] a1  dataset=gsm8k  completed"] and LiveTable.active is None
+
+
+def test_live_table_shows_step_loss_speed_and_time_left():
+    terminal = Terminal()
+    config = TrialConfig(dataset="gsm8k", max_steps=60).to_dict()
+    table = LiveTable(["dataset"], stream=terminal, min_interval_s=0)
+    table.step("a1", config, {"step": 30, "loss": 1.23456, "tokens_per_s": 2345.6, "elapsed_s": 60.0})
+    assert terminal.screen()[2].split() == ["a1", "gsm8k", "running", "30/60", "1.2346", "2,346", "1m00s"]
+
+
+def test_live_table_draws_nothing_into_a_file_or_pipe(tmp_path):
+    with open(tmp_path / "log", "w") as sink, LiveTable(["dataset"], stream=sink, min_interval_s=0) as table:
+        table.start("a1", TrialConfig(dataset="gsm8k").to_dict())
+        assert LiveTable.active is None
+    assert (tmp_path / "log").read_text() == ""

@@ -14,7 +14,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "RAY_DEDUP_LOGS": "0"}
-SPACE = ("fixed: {dataset: alpaca, max_steps: 30, num_examples: 320, lora_targets: o_proj}\n"
+SPACE = ("fixed: {dataset: alpaca, max_steps: 20, num_examples: 320, lora_targets: o_proj}\n"
          "sweep: {seed: {grid: [1, 2, 3, 4, 5]}}\nresources: {max_concurrent: 1}\n")
 
 

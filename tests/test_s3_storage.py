@@ -1,6 +1,7 @@
 """`--storage s3://` against a real S3 server on 127.0.0.1 (moto's server mode, scripts/local_s3.py): a sweep whose
-driver is killed, resumed from the bucket keeping its finished trials, analysed from the bucket; the credentials,
-taken only from the environment, appear in no result, log or error message."""
+driver is killed, resumed from the bucket keeping its finished trials, an adapter exported and the experiment
+analysed from the bucket; the credentials, taken only from the environment, appear in no result, log or error
+message."""
 
 import os
 import signal
@@ -11,7 +12,6 @@ import time
 from pathlib import Path
 
 import boto3
-import pandas as pd
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
@@ -20,7 +20,7 @@ from local_s3 import start_s3  # noqa: E402
 pytestmark = pytest.mark.slow
 BUCKET = "sweeps"
 ROOT = f"s3://{BUCKET}/tune-lfm"
-SPACE = ("fixed: {dataset: alpaca, max_steps: 60, num_examples: 320}\n"
+SPACE = ("fixed: {dataset: alpaca, max_steps: 30, num_examples: 320}\n"
          "sweep: {seed: {grid: [1, 2]}}\nresources: {max_concurrent: 1}\n")
 
 
@@ -74,8 +74,8 @@ def test_sweep_killed_resumed_and_analysed_on_s3_never_leaks_credentials(s3, tmp
     trials_uri = f"{ROOT}/seeds/trials.parquet"
     outputs = []
 
-    driver = subprocess.Popen([sys.executable, "-m", "tune_lfm.search", str(space), "--storage", ROOT, "--name", "seeds",
-                               "--scale", "tiny"], env=s3, start_new_session=True, stdout=subprocess.PIPE,
+    driver = subprocess.Popen([sys.executable, "-m", "tune_lfm.search", str(space), "--storage", ROOT, "--name",
+                               "seeds", "--scale", "tiny"], env=s3, start_new_session=True, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT)
     deadline = time.time() + 300
     while time.time() < deadline and driver.poll() is None:
@@ -99,13 +99,23 @@ def test_sweep_killed_resumed_and_analysed_on_s3_never_leaks_credentials(s3, tmp
         assert after.loc[trial_id, "finished_at"] == row["finished_at"]
     assert read_trials(s3, f"{ROOT}/seeds/history.parquet")["trial_id"].nunique() == 2
 
+    # every trial's adapter is a checkpoint in the bucket, and exports from there to a model PEFT loads
+    assert all(str(uri).startswith(f"{ROOT}/seeds/") for uri in after["adapter_uri"]), after["adapter_uri"]
+    trial_id = after.index[0]
+    exported = cli(s3, "tune_lfm.export", f"{ROOT}/seeds", "--trial", trial_id, "--out", tmp_path / "adapter")
+    outputs.append(exported.stdout + exported.stderr)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    from peft import AutoPeftModelForCausalLM
+
+    assert AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter").peft_config["default"].r == 8
+
     report = tmp_path / "analysis"
     analysis = cli(s3, "tune_lfm.analysis", f"{ROOT}/seeds", "--out", report)
     outputs.append(analysis.stdout + analysis.stderr)
     assert analysis.returncode == 0, analysis.stderr[-3000:]
     assert (report / "report.md").is_file() and (report / "pareto.parquet").is_file(), analysis.stdout[-2000:]
 
-    missing = cli(s3, "tune_lfm.search", space, "--storage", f"s3://no-such-bucket/x", "--scale", "tiny")
+    missing = cli(s3, "tune_lfm.search", space, "--storage", "s3://no-such-bucket/x", "--scale", "tiny")
     outputs.append(missing.stdout + missing.stderr)
     assert missing.returncode == 2 and "no-such-bucket" in missing.stderr and "Traceback" not in missing.stderr
 
@@ -113,6 +123,7 @@ def test_sweep_killed_resumed_and_analysed_on_s3_never_leaks_credentials(s3, tmp
     assert any(key.startswith("tune-lfm/seeds/") and "trial" in key for key in stored if key.count("/") > 2), \
         "Ray Tune kept no trial state in the bucket"
     written = {**stored, **files_under(s3["RAY_TMPDIR"]), **files_under(str(report)),
+               **files_under(str(tmp_path / "adapter")),
                **{f"output {i}": text.encode() for i, text in enumerate(outputs)}}
     for secret in (s3["AWS_ACCESS_KEY_ID"], s3["AWS_SECRET_ACCESS_KEY"]):
         leaks = [where for where, content in written.items() if secret.encode() in content]

@@ -31,8 +31,8 @@ def test_study_lists_the_shared_default_under_every_sweep():
 
 def test_pareto_is_an_optuna_multi_objective_search():
     sweep = load_sweep("pareto")
-    assert sweep.algorithm == "optuna"
-    assert sweep.objectives == {"train_loss": "min", "kl": "min", "trainable_params": "min"}
+    assert sweep.search.algorithm == "optuna"
+    assert sweep.search.objectives == {"train_loss": "min", "kl": "min", "trainable_params": "min"}
     assert sweep.dimensions["learning_rate"].kind == "loguniform"
 
 
@@ -55,6 +55,12 @@ BAD_SWEEPS = [
     ("search: {algorithm: hyperband}\n", "not one of grid, random, optuna"),
     ("search: {algorithm: optuna, objectives: {accuracy: max}}\n", "not a reported metric"),
     ("resources: {gpus: 1}\n", "unknown key"),
+    ("resources: {max_concurrent: 1.5}\n", "resources.max_concurrent: must be a positive int"),
+    ("resources: {cpus_per_trial: -1}\n", "resources.cpus_per_trial: must be a positive number or auto"),
+    ("search: {num_samples: 0}\n", "search.num_samples: must be a positive int"),
+    ("search: [grid]\n", "search: must be a mapping of algorithm, num_samples"),
+    ("scheduler: {type: pbt}\n", "scheduler.type: `pbt` is not supported"),
+    ("scheduler: {type: asha, reduction_factor: 1}\n", "scheduler.reduction_factor: must be an int > 1"),
 ]
 
 
@@ -107,3 +113,32 @@ def test_dry_run_table_says_the_scale_and_every_sweep_of_a_trial():
     assert lines[0].startswith("scale: TINY (embedded model and data; steps/5")
     assert any(" datasets,learning_rate,rank,targets,duration " in line for line in lines)  # the shared default
     assert lines[-1] == "30 trials"
+
+
+def test_sweep_settings_are_typed_and_the_readme_table_is_their_documentation():
+    """The search/scheduler/resources blocks come from dataclasses whose field docstrings are their documentation;
+    the README's table of sweep settings is exactly those docstrings and defaults, so neither can drift."""
+    from pathlib import Path
+
+    from tune_lfm.sweep_settings import ResourceSettings, SearchSettings, settings_table
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for row in settings_table().splitlines():
+        assert row in readme, f"README.md lacks: {row}"
+    sweep = load_sweep("pareto")
+    assert isinstance(sweep.search, SearchSettings) and isinstance(sweep.resources, ResourceSettings)
+    assert ResourceSettings().cpus("tiny") == 1 and ResourceSettings().cpus("full") == 2
+
+
+def test_two_spellings_of_one_trial_are_planned_once(tmp_path):
+    """Hub layers written out in one variant and resolved from the model in the other give one trial, run once."""
+    from tune_lfm.planning import make_plan, with_hub_layers
+
+    path = tmp_path / "spellings.yaml"
+    path.write_text("fixed: {model: tiny-lfm2, data_source: embedded, dataset: alpaca, lora_targets: hub_all}\n"
+                    "sweep: {variants: {grid: [{}, {hub_layers: [0, 1, 2, 4]}, {lora_rank: 4}]}}\n")
+    hubs = with_hub_layers(plan_trials(load_sweep(str(path)), "full"))[0].config.hub_layers
+    assert hubs == [0, 1, 2, 4]  # what the model resolves to, so the first two variants are the same trial
+    plan = make_plan(load_sweep(str(path)), "full", {})
+    assert [t.config.lora_rank for t in plan.trials] == [8, 4] and plan.total == 2
+    assert all(t.config.hub_layers == hubs for t in plan.trials)

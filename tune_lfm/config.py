@@ -234,9 +234,10 @@ def load_config_file(path: str | Path) -> TrialConfig:
 
 
 
-def field_docs() -> dict[str, str]:
-    """Each TrialConfig field's docstring (the string under it in the class body): the help of its CLI flag."""
-    body = ast.parse(textwrap.dedent(inspect.getsource(TrialConfig))).body[0].body
+def field_docs(cls: type | None = None) -> dict[str, str]:
+    """Each field's docstring (the string under it in the class body) of a settings dataclass, TrialConfig by
+    default: the help of its CLI flag and its line in the docs."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls or TrialConfig))).body[0].body
     docs = {}
     for node, following in zip(body, body[1:]):
         if (isinstance(node, ast.AnnAssign) and isinstance(following, ast.Expr)

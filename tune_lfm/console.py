@@ -1,4 +1,5 @@
-"""What a sweep prints: one line per finished trial as it lands, and the results table at the end.
+"""What a sweep prints: one line per finished trial as it lands, a live table of the running ones on a terminal, and
+the results table at the end.
 
 Rows are trials.parquet rows. A trial is named by the settings that vary across the sweep, so a table of ten
 datasets reads as ten dataset names, not ten copies of every setting.
@@ -7,12 +8,91 @@ datasets reads as ten dataset names, not ten copies of every setting.
 from __future__ import annotations
 
 import math
-from typing import Any
+import sys
+import time
+from typing import Any, TextIO
 
 from .config import FIELD_NAMES
+from .progress import format_duration
 
 HIDDEN_SETTINGS = ("user_datasets", "hub_layers", "data_source")
 """Settings that vary only as a consequence of others (a dataset's source, the model's hubs)."""
+
+
+def log(message: str) -> None:
+    """A line for the person watching the driver (stderr; stdout holds results), above the live table if one is
+    drawn."""
+    table = LiveTable.active
+    if table is not None:
+        table.erase()
+    print(f"[tune_lfm] {message}", file=sys.stderr, flush=True)
+    if table is not None:
+        table.draw(force=True)
+
+
+class LiveTable:
+    """The running trials of a sweep, redrawn in place under the log lines on a terminal: id, what varies, status,
+    step/total, loss, tokens/s and time left. Into a file or a pipe it draws nothing: the line each finished trial
+    gets says it all, and logs stay short."""
+
+    active: LiveTable | None = None
+    """The table `log` keeps its lines above."""
+
+    def __init__(self, varied: list[str], stream: TextIO | None = None, min_interval_s: float = 0.5):
+        self.varied, self.stream, self.min_interval_s = varied, stream or sys.stderr, min_interval_s
+        self.enabled = self.stream.isatty()
+        self.rows: dict[str, dict[str, str]] = {}
+        self.drawn_lines = 0
+        self.drawn_at = 0.0
+
+    def __enter__(self) -> LiveTable:
+        LiveTable.active = self if self.enabled else None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.erase()
+        LiveTable.active = None
+
+    def start(self, trial_id: str, config: dict[str, Any], status: str = "starting") -> None:
+        label = " ".join(str(config.get(name)) for name in self.varied) or trial_id
+        self.rows[trial_id] = {"trial_id": trial_id, "label": label, "status": status,
+                               "step": f"0/{config['max_steps']}", "loss": "-", "tok/s": "-", "ETA": "?"}
+        self.draw(force=True)
+
+    def step(self, trial_id: str, config: dict[str, Any], step: dict[str, Any]) -> None:
+        if trial_id not in self.rows:
+            self.start(trial_id, config)
+        done, total, elapsed = step["step"], config["max_steps"], step.get("elapsed_s", 0.0)
+        left = elapsed / done * (total - done) if done else math.nan
+        self.rows[trial_id].update(status="running", step=f"{done}/{total}", loss=f"{step['loss']:.4f}",
+                                   ETA=format_duration(left) if done else "?",
+                                   **{"tok/s": f"{step.get('tokens_per_s', 0):,.0f}"})
+        self.draw()
+
+    def finish(self, trial_id: str) -> None:
+        """The trial's own line is printed above; it leaves the table."""
+        self.rows.pop(trial_id, None)
+        self.draw(force=True)
+
+    def erase(self) -> None:
+        if self.enabled and self.drawn_lines:
+            self.stream.write("\x1b[1A\x1b[2K" * self.drawn_lines)
+            self.stream.flush()
+            self.drawn_lines = 0
+
+    def draw(self, force: bool = False) -> None:
+        if not self.enabled or (not force and time.monotonic() - self.drawn_at < self.min_interval_s):
+            return
+        self.erase()
+        if self.rows:
+            header = ["trial_id", " ".join(self.varied) or "trial", "status", "step", "loss", "tok/s", "ETA"]
+            body = [[row["trial_id"], row["label"], row["status"], row["step"], row["loss"], row["tok/s"], row["ETA"]]
+                    for row in self.rows.values()]
+            lines = _columns(header, body)
+            self.stream.write("\n".join(lines) + "\n")
+            self.stream.flush()
+            self.drawn_lines = len(lines)
+        self.drawn_at = time.monotonic()
 
 
 def varied_settings(rows: list[dict[str, Any]]) -> list[str]:
@@ -50,9 +130,14 @@ def results_table(rows: list[dict[str, Any]]) -> str:
     body = [[str(row.get("trial_id")), *(str(row.get(name)) for name in varied), str(row.get("status")),
              _with_error(row, "eval_loss"), _with_error(row, "improvement"), _with_error(row, "kl"),
              _count(row.get("trainable_params")), _count(row.get("wall_s"))] for row in ordered]
+    return "\n".join(_columns(header, body))
+
+
+def _columns(header: list[str], body: list[list[str]]) -> list[str]:
+    """Header, rule and rows, each column as wide as its widest cell."""
     widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in [header, *body]]
-    return "\n".join([lines[0], "  ".join("-" * width for width in widths), *lines[1:]])
+    return [lines[0], "  ".join("-" * width for width in widths), *lines[1:]]
 
 
 def _sort_key(value: Any) -> float:

@@ -2,10 +2,11 @@
 
 `TUNE_LFM_FAULTS="<trial_id>:<kind>,..."` in the environment of the Ray workers. Kinds: `raise` and `oom` raise before
 training; `nan` makes the loss non-finite; `kill` SIGKILLs the trial's own worker process right after its first step
-is reported (a real process death, as when the kernel's OOM killer or a segfault ends it). Kept out of sweep YAML on
-purpose: nothing a config says is executed, and a production sweep cannot carry a fault by mistake.
-A fault fires on a trial's first attempt only (the attempt number comes from Tune, see `tune_lfm.search`), so retries
-show recovery.
+is reported (a real process death, as when the kernel's OOM killer or a segfault ends it); `fail` raises before
+training on every attempt, a trial that cannot succeed. Kept out of sweep YAML on purpose: nothing a config says is
+executed, and a production sweep cannot carry a fault by mistake.
+Every other fault fires on a trial's first attempt only (the attempt number comes from Tune, see `tune_lfm.runner`),
+so retries show recovery.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import os
 import signal
 
-KINDS = ("raise", "oom", "nan", "kill")
+KINDS = ("raise", "oom", "nan", "kill", "fail")
 
 
 def injected_fault(trial_id: str) -> str | None:
@@ -25,7 +26,10 @@ def injected_fault(trial_id: str) -> str | None:
 
 
 def fire(kind: str, attempt: int) -> dict | None:
-    """Before training: raise for `raise` / `oom`, or return config changes that make the loss non-finite (`nan`)."""
+    """Before training: raise for `raise` / `oom` / `fail`, or return config changes that make the loss non-finite
+    (`nan`)."""
+    if kind == "fail":
+        raise RuntimeError(f"injected fault: trial raised on attempt {attempt} (it fails on every attempt)")
     if attempt > 1:
         return None
     if kind == "raise":

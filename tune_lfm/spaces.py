@@ -19,6 +19,8 @@ A sweep file (see `search_spaces/`):
     user_datasets: {name: {path | hub_id, format, ...}}
     artifacts: {keep_adapters: all | pareto | none, checkpoint_every_steps: 50}   # optional
 
+What `search`, `scheduler` and `resources` may hold, with defaults, is `tune_lfm.sweep_settings`.
+
 Scales: `full` runs the file as written; `tiny` (no GPU) swaps in the embedded model and the study datasets'
 embedded rows (user datasets keep their declared path or hub id) and shrinks steps, rows and lengths (see
 `TinyScale`) so a sweep runs on a laptop CPU in minutes.
@@ -38,16 +40,13 @@ import yaml
 
 from .checkpoints import ArtifactSettings, parse_artifacts
 from .config import EMBEDDED_MODEL, FIELD_NAMES, ConfigError, TrialConfig, config_from_dict
+from .sweep_settings import ResourceSettings, SchedulerSettings, SearchSettings, parse_settings
 
 SPACES_DIR = Path(__file__).resolve().parent / "search_spaces"
 """The shipped sweeps: the top-level search_spaces/, linked into the package so a wheel install has them too."""
 TOP_KEYS = ("name", "description", "include", "fixed", "sweep", "search", "scheduler", "resources", "max_failures",
             "user_datasets", "artifacts")
 DIMENSION_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
-ALGORITHMS = ("grid", "random", "optuna")
-SAMPLERS = ("tpe", "nsga2")
-OBJECTIVE_METRICS = ("train_loss", "eval_loss", "kl", "kl_p95", "trainable_params", "wall_s", "peak_mem_gb")
-RESOURCE_KEYS = ("gpus_per_trial", "cpus_per_trial", "max_concurrent", "max_trials_per_gpu")
 
 @dataclass(frozen=True)
 class TinyScale:
@@ -101,13 +100,10 @@ class Sweep:
     description: str = ""
     fixed: dict[str, Any] = field(default_factory=dict)
     dimensions: dict[str, Dimension] = field(default_factory=dict)
-    algorithm: str = "grid"
-    num_samples: int = 1
-    sampler: str = "tpe"
-    objectives: dict[str, str] = field(default_factory=dict)
-    seed: int = 0
-    scheduler: dict[str, Any] | None = None
-    resources: dict[str, Any] = field(default_factory=dict)
+    search: SearchSettings = field(default_factory=SearchSettings)
+    scheduler: SchedulerSettings | None = None
+    """None: every trial runs all its steps."""
+    resources: ResourceSettings = field(default_factory=ResourceSettings)
     max_failures: int = 1
     artifacts: ArtifactSettings = field(default_factory=ArtifactSettings)
     """Which adapters to keep and how often trials save resume checkpoints (see `tune_lfm.checkpoints`)."""
@@ -171,56 +167,6 @@ def _parse_dimension(key: str, spec: Any, where: str) -> Dimension:
     return Dimension(kind, values)
 
 
-def _parse_search(spec: Any, sweep: Sweep, where: str) -> None:
-    if spec is None:
-        return
-    _expect(isinstance(spec, dict), where, f"must be a mapping, got {type(spec).__name__}")
-    allowed = {"algorithm", "num_samples", "sampler", "objectives", "seed"}
-    unknown = set(spec) - allowed
-    _expect(not unknown, where, f"unknown key(s) {sorted(unknown)}; allowed: {', '.join(sorted(allowed))}")
-    sweep.algorithm = spec.get("algorithm", "grid")
-    _expect(sweep.algorithm in ALGORITHMS, f"{where}.algorithm",
-            f"`{sweep.algorithm}` is not one of {', '.join(ALGORITHMS)}")
-    sweep.num_samples = spec.get("num_samples", 1)
-    _expect(isinstance(sweep.num_samples, int) and sweep.num_samples > 0, f"{where}.num_samples",
-            f"must be a positive int, got {sweep.num_samples!r}")
-    sweep.sampler = spec.get("sampler", "tpe")
-    _expect(sweep.sampler in SAMPLERS, f"{where}.sampler", f"`{sweep.sampler}` is not one of {', '.join(SAMPLERS)}")
-    sweep.seed = spec.get("seed", 0)
-    objectives = spec.get("objectives", {"train_loss": "min"} if sweep.algorithm == "optuna" else {})
-    _expect(isinstance(objectives, dict), f"{where}.objectives", "must map metric -> min | max")
-    for metric, mode in objectives.items():
-        _expect(metric in OBJECTIVE_METRICS, f"{where}.objectives",
-                f"`{metric}` is not a reported metric; allowed: {', '.join(OBJECTIVE_METRICS)}")
-        _expect(mode in ("min", "max"), f"{where}.objectives.{metric}", f"must be min or max, got {mode!r}")
-    sweep.objectives = dict(objectives)
-
-
-def _parse_scheduler(spec: Any, where: str) -> dict[str, Any] | None:
-    if spec is None:
-        return None
-    _expect(isinstance(spec, dict) and spec.get("type") == "asha", where,
-            "only {type: asha, metric: ..., mode: min|max, grace_period: N} is supported")
-    unknown = set(spec) - {"type", "metric", "mode", "grace_period", "reduction_factor"}
-    _expect(not unknown, where, f"unknown key(s) {sorted(unknown)}")
-    _expect(spec.get("metric", "loss") in ("loss",) + OBJECTIVE_METRICS, f"{where}.metric",
-            "must be loss (the step loss) or a reported metric")
-    _expect(spec.get("mode", "min") in ("min", "max"), f"{where}.mode", "must be min or max")
-    return {"metric": "loss", "mode": "min", "grace_period": 10, "reduction_factor": 3, **spec}
-
-
-def _parse_resources(spec: Any, where: str) -> dict[str, Any]:
-    if spec is None:
-        return {}
-    _expect(isinstance(spec, dict), where, "must be a mapping")
-    unknown = set(spec) - set(RESOURCE_KEYS)
-    _expect(not unknown, where, f"unknown key(s) {sorted(unknown)}; allowed: {', '.join(RESOURCE_KEYS)}")
-    for key, value in spec.items():
-        ok = value is None or value == "auto" or (isinstance(value, (int, float)) and value > 0)
-        _expect(ok, f"{where}.{key}", f"must be a positive number or auto, got {value!r}")
-    return dict(spec)
-
-
 def load_sweep(name_or_path: str, _seen: tuple[str, ...] = ()) -> Sweep:
     """Read and validate a sweep file (and the sweeps it includes); errors name the file and key."""
     path = find_space(name_or_path)
@@ -244,9 +190,10 @@ def load_sweep(name_or_path: str, _seen: tuple[str, ...] = ()) -> Sweep:
     dims = raw.get("sweep") or {}
     _expect(isinstance(dims, dict), f"{where}: sweep", "must be a mapping of setting -> {grid|choice|...: values}")
     sweep.dimensions = {key: _parse_dimension(key, spec, f"{where}: sweep") for key, spec in dims.items()}
-    _parse_search(raw.get("search"), sweep, f"{where}: search")
-    sweep.scheduler = _parse_scheduler(raw.get("scheduler"), f"{where}: scheduler")
-    sweep.resources = _parse_resources(raw.get("resources"), f"{where}: resources")
+    sweep.search = parse_settings(SearchSettings, raw.get("search"), f"{where}: search")
+    if raw.get("scheduler") is not None:
+        sweep.scheduler = parse_settings(SchedulerSettings, raw["scheduler"], f"{where}: scheduler")
+    sweep.resources = parse_settings(ResourceSettings, raw.get("resources"), f"{where}: resources")
     sweep.max_failures = raw.get("max_failures", 1)
     _expect(isinstance(sweep.max_failures, int) and sweep.max_failures >= 0, f"{where}: max_failures",
             "must be an int >= 0")
@@ -255,10 +202,10 @@ def load_sweep(name_or_path: str, _seen: tuple[str, ...] = ()) -> Sweep:
     _expect(isinstance(includes, list), f"{where}: include", "must be a list of sweep names or paths")
     sweep.members = [load_sweep(name, _seen + (str(path.resolve()),)) for name in includes]
     sampled = [k for k, d in sweep.dimensions.items() if d.kind not in ("grid",)]
-    if sweep.algorithm == "grid":
+    if sweep.search.algorithm == "grid":
         _expect(not sampled, f"{where}: sweep", f"{sampled} are sampled dimensions; use search.algorithm random or "
                                                 "optuna, or make them grid")
-    _expect(not (sweep.members and sweep.algorithm == "optuna"), where, "an optuna search cannot include sweeps")
+    _expect(not (sweep.members and sweep.search.algorithm == "optuna"), where, "an optuna search cannot include sweeps")
     return sweep
 
 
@@ -301,16 +248,18 @@ def _combine(fixed: dict[str, Any], assignment: dict[str, Any]) -> dict[str, Any
 
 
 def _own_assignments(sweep: Sweep) -> list[dict[str, Any]]:
-    if sweep.algorithm == "grid":
+    if sweep.search.algorithm == "grid":
         keys = list(sweep.dimensions)
         return [dict(zip(keys, combo)) for combo in product(*(sweep.dimensions[k].values for k in keys))]
-    rng = random.Random(sweep.seed)
-    return [{k: _dimension_values(d, rng) for k, d in sweep.dimensions.items()} for _ in range(sweep.num_samples)]
+    rng = random.Random(sweep.search.seed)
+    return [{k: _dimension_values(d, rng) for k, d in sweep.dimensions.items()}
+            for _ in range(sweep.search.num_samples)]
 
 
 def plan_trials(sweep: Sweep, scale: str, overrides: dict[str, Any] | None = None) -> list[PlannedTrial]:
     """Concrete trials of a grid/random sweep (composed sweeps: union, identical configs once, in first-seen order)."""
-    _expect(sweep.algorithm != "optuna", sweep.source, "an optuna search has no fixed trial list; it samples as it goes")
+    _expect(sweep.search.algorithm != "optuna", sweep.source,
+            "an optuna search has no fixed trial list; it samples as it goes")
     planned: dict[str, PlannedTrial] = {}
     sources = sweep.members or [sweep]
     for member in sources:

@@ -79,7 +79,7 @@ def check_sweep(sweep: Sweep, scale: str, overrides: dict[str, Any]) -> list[Pla
     take (categorical values, and the bounds of ranges). Returns the planned trials (None for Optuna)."""
     from .config import config_from_dict
 
-    if sweep.algorithm != "optuna":
+    if sweep.search.algorithm != "optuna":
         planned = plan_trials(sweep, scale, overrides)
         for trial in planned:
             check_trial(trial.config, sweep.source)

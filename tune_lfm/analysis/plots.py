@@ -81,11 +81,39 @@ def _draw_not_completed(axis, others: pd.DataFrame, x: str, y: str) -> None:
         axis.text(0.99, 0.99, f"off the axes: {counts}", transform=axis.transAxes, ha="right", va="top", fontsize=7)
 
 
+def _constant(values: pd.Series) -> bool:
+    return values.dropna().nunique() <= 1
+
+
+def _ranked_panel(axis, trials: pd.DataFrame, front: Front, membership: pd.DataFrame, title: str,
+                  labels: pd.Series) -> None:
+    """A front where an objective does not vary (every trial has the same adapter size, say): a scatter would stack
+    every trial on one vertical line with overprinted labels, so the trials are drawn in order of the objective that
+    varies, one labelled tick each."""
+    varying = next((o for o in front[:2] if not _constant(trials[o.column])), front[1])
+    fixed = [f"{o.column} = {trials[o.column].dropna().iloc[0]:,.6g}" for o in front[:2]
+             if o is not varying and not trials[o.column].dropna().empty]
+    ordered = trials.sort_values(varying.column, ascending=varying.sense == "min")
+    members = membership.loc[ordered.index, "member"].to_numpy()
+    positions = np.arange(len(ordered))
+    axis.scatter(positions[~members], ordered[varying.column][~members], color=OTHER_COLOUR, label="completed")
+    axis.scatter(positions[members], ordered[varying.column][members], color=FRONT_COLOUR, edgecolor="black",
+                 zorder=3, label="Pareto front")
+    axis.set_xticks(positions, [labels[i] for i in ordered.index], rotation=45, ha="right", fontsize=7)
+    axis.set_xlabel("trials, best first")
+    axis.set_ylabel(_axis_label(varying))
+    axis.set_title(f"{title}; every trial has {', '.join(fixed)}", fontsize=9)
+    axis.grid(alpha=0.3)
+
+
 def _front_panel(axis, trials: pd.DataFrame, others: pd.DataFrame, front: Front, z: float, title: str,
                  labels: pd.Series):
     front = resolve(front, trials)
     x, y = front[0].column, front[1].column
     membership = front_membership(trials, front, z)
+    if _constant(trials[x]) or _constant(trials[y]):
+        _ranked_panel(axis, trials, front, membership, title, labels)
+        return
     members, loose = membership["member"], membership["within_noise"]
     exact = members & ~loose
     sizes = _sizes(trials[front[2].column]) if len(front) > 2 else np.full(len(trials), 40.0)

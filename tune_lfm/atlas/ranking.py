@@ -109,6 +109,12 @@ def select_hubs(combined: list[float], layer_types: list[str], k: int, quota: di
     return sorted(chosen + rest[: k - len(chosen)])
 
 
+def quota_forced(combined: list[float], hubs: list[int], k: int) -> list[int]:
+    """Hubs that are there only because of the quota: outside the k best layers by combined score alone."""
+    best = sorted(range(len(combined)), key=lambda i: (-combined[i], i))[:k]
+    return [i for i in hubs if i not in best]
+
+
 def jaccard(a: list[int], b: list[int]) -> float:
     union = set(a) | set(b)
     return len(set(a) & set(b)) / len(union) if union else 1.0
