@@ -1,8 +1,9 @@
 """The cluster side: manifests that agree with the CLI, a real 3-node Ray cluster on this machine (a lost worker node
 included), storage faults, and safety (no credentials leak, no code from YAML, no public dashboard).
 
-The driver-killed/--resume, raising, NaN and OOM drills run on local Ray in test_search.py; here the same guarantees
-(nothing lost, nothing duplicated) are checked where only a cluster can break them.
+The driver-killed/--resume drills run on local Ray and S3 (test_interrupts.py, test_s3_storage.py), the raising, NaN,
+OOM and killed-worker drills in test_recovery.py; here the same guarantees (nothing lost, nothing duplicated, a trial
+goes on from its checkpoint) are checked where only a cluster can break them.
 """
 
 import importlib.util
@@ -461,35 +462,59 @@ def test_unwritable_storage_fails_before_any_trial_with_a_clear_error(cluster, t
     assert "Trial status" not in out.stderr + out.stdout and not list(tmp_path.rglob("*.parquet"))
 
 
-def running_trial(local_cluster, node_pid: int) -> bool:
-    """Whether a Tune trial actor (process title `ray::ImplicitFunc...`) runs among a node's processes."""
+RESUMABLE = """
+fixed: {model: tiny-lfm2, data_source: embedded, dataset: alpaca, num_examples: 32, eval_examples: 4, max_length: 128,
+        max_steps: 16, batch_size: 2, grad_accum: 1}
+sweep: {seed: {grid: [3, 4]}}
+resources: {cpus_per_trial: 1}
+artifacts: {checkpoint_every_steps: 4}
+max_failures: 1
+"""
+
+
+def trial_pids(local_cluster, node_pid: int) -> set[int]:
+    """Process ids of the Tune trial actors (process title `ray::ImplicitFunc...`) among a node's processes."""
+    pids = set()
     for process in local_cluster.node_processes(node_pid):
         try:
             if " ".join(process.cmdline()).startswith("ray::ImplicitFunc"):
-                return True
+                pids.add(process.pid)
         except Exception:  # the process ended while we looked
             continue
+    return pids
+
+
+def checkpointed_on(experiment: Path, pids: set[int]) -> bool:
+    """A trial run by one of `pids` has a resume checkpoint the driver holds (a result arrived after it): read from
+    the result.json the driver writes per trial, whose lines carry the reporting worker's pid."""
+    for results in experiment.glob("*/result.json"):
+        lines = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+        kinds = [line.get("kind") for line in lines]
+        if any(line.get("pid") in pids for line in lines) and "checkpoint" in kinds[:-1]:
+            return True
     return False
 
 
 @pytest.mark.slow
-def test_lost_worker_node_its_trial_is_retried_elsewhere_and_the_sweep_completes(cluster, tmp_path):
-    """SIGKILL worker-2 (raylet and all) as soon as a trial runs there: the trial is retried on worker-1."""
+def test_lost_worker_node_its_trial_goes_on_elsewhere_from_its_checkpoint_and_the_sweep_completes(cluster, tmp_path):
+    """SIGKILL worker-2 (raylet and all) once its trial has a resume checkpoint on the shared storage: the trial is
+    retried on worker-1 and continues from that checkpoint, each step recorded once."""
     local_cluster = local_cluster_module()
     victim = next(n for n in cluster["state"]["nodes"] if n["name"] == "worker-2")
-    space = sweep_file(tmp_path, [3, 4])
+    space = tmp_path / "resumable.yaml"
+    space.write_text(RESUMABLE)
     experiment = tmp_path / "shared" / "lost-node"
     log = tmp_path / "driver.log"
     with open(log, "w") as sink:
-        driver = subprocess.Popen([sys.executable, "-m", "tune_lfm.search", str(space), "--scale", "tiny", "--address",
+        driver = subprocess.Popen([sys.executable, "-m", "tune_lfm.search", str(space), "--scale", "full", "--address",
                                    cluster["state"]["address"], "--storage", f"file://{tmp_path}/shared", "--name",
                                    "lost-node", "--gpus-per-trial", "1"], env=ENV, cwd=ROOT, stdout=sink,
                                   stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 240
-        while not running_trial(local_cluster, victim["pid"]):
-            assert time.time() < deadline and driver.poll() is None, "no trial ever started on worker-2"
-            time.sleep(0.2)
+        while not checkpointed_on(experiment, trial_pids(local_cluster, victim["pid"])):
+            assert time.time() < deadline and driver.poll() is None, "no trial checkpointed on worker-2"
+            time.sleep(0.05)
         killed = subprocess.run([*cluster["script"], "kill", "worker-2"], capture_output=True, text=True, env=ENV)
         assert killed.returncode == 0, killed.stderr
         driver.wait(timeout=400)
@@ -499,10 +524,12 @@ def test_lost_worker_node_its_trial_is_retried_elsewhere_and_the_sweep_completes
     assert not local_cluster.node_processes(victim["pid"])
 
     trials = pd.read_parquet(experiment / "trials.parquet")
-    assert trials["trial_id"].is_unique and set(trials["trial_id"]) == planned_ids(space)  # nothing lost or doubled
-    assert set(trials["status"]) == {"completed"}
-    assert victim["node_id"] not in set(trials["node_id"])
+    assert trials["trial_id"].is_unique and set(trials["trial_id"]) == {
+        t.trial_id for t in with_hub_layers(plan_trials(load_sweep(str(space)), "full"))}  # nothing lost or doubled
+    assert set(trials["status"]) == {"completed"} and victim["node_id"] not in set(trials["node_id"])
     assert sorted(trials["attempts"]) == [1, 2]  # the trial on the lost node failed once, then ran elsewhere
+    [moved] = [row for _, row in trials.iterrows() if row["attempts"] == 2]
+    assert moved["resumed_from_step"] in (4, 8, 12)  # from its checkpoint on the shared storage, not from step 0
     history = pd.read_parquet(experiment / "history.parquet")
     assert not history.duplicated(["trial_id", "step"]).any()
-    assert (history.groupby("trial_id")["step"].max() == 4).all()
+    assert sorted(history[history["trial_id"] == moved["trial_id"]]["step"]) == list(range(1, 17))

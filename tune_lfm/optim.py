@@ -19,9 +19,10 @@ from collections.abc import Iterable
 
 import torch
 
-from .config import ConfigError
+from .config import CHOICES, ConfigError
 
-OPTIMIZERS = ("adamw", "adafactor", "schedule_free_adamw", "lion")
+OPTIMIZERS = CHOICES["optimizer"]
+"""The names a trial's `optimizer` may take, kept with the other settings' allowed values (config needs no torch)."""
 
 
 def build_optimizer(name: str, params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float):

@@ -120,7 +120,7 @@ def weights_identity(ref) -> str:
 
 def cache_file(key: dict, cache_dir: str | Path | None = None) -> Path:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    label = re.sub(r"[^A-Za-z0-9._-]+", "_", key["model"]).strip("_")[-60:]
+    label = re.sub(r"[^A-Za-z0-9._-]+", "_", key["model"]).strip("_")[:60]  # readable; the digest is the key
     return Path(cache_dir or default_cache_dir()) / f"{label}-{digest}.json"
 
 
