@@ -78,6 +78,8 @@ def test_live_table_shows_step_loss_speed_and_time_left():
     table = LiveTable(["dataset"], stream=terminal, min_interval_s=0)
     table.step("a1", config, {"step": 30, "loss": 1.23456, "tokens_per_s": 2345.6, "elapsed_s": 60.0})
     assert terminal.screen()[2].split() == ["a1", "gsm8k", "running", "30/60", "1.2346", "2,346", "1m00s"]
+    table.step("a1", config, {"step": 60, "loss": 1.1, "tokens_per_s": 2400.0, "elapsed_s": 120.0})
+    assert terminal.screen()[2].split()[2:4] == ["measuring", "60/60"] and len(terminal.screen()) == 3
 
 
 def test_live_table_draws_nothing_into_a_file_or_pipe(tmp_path):

@@ -21,16 +21,26 @@ RESULT_KEYS = {"train_loss", "eval_loss", "base_loss", "improvement", "kl", "kl_
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "adafactor", "schedule_free_adamw", "lion"])
-def test_each_optimizer_lowers_held_out_loss(optimizer):
+def test_each_optimizer_lowers_held_out_loss_and_saves_the_adapter_it_measured(optimizer, tmp_path):
+    from peft import PeftModel
+
     lr = 6e-3 if optimizer == "lion" else 1e-2  # Lion's sign update takes steps of size lr on every weight
-    result = run_trial(TrialConfig(**{**QUICK, "learning_rate": lr}, dataset="alpaca", optimizer=optimizer,
-                                   lora_targets="all_linear"), log=lambda _: None)
+    config = TrialConfig(**{**QUICK, "learning_rate": lr}, dataset="alpaca", optimizer=optimizer,
+                         lora_targets="all_linear")
+    result = run_trial(config, log=lambda _: None, save_adapter=str(tmp_path / "adapter"))
     assert result["status"] == "completed"
     assert result["eval_loss"] < result["base_loss"] - 0.01, result
     assert result["improvement"] > 2 * result["improvement_se"] > 0  # a gain well above its noise
     assert result["kl"] > 2 * result["kl_se"] > 0
     assert RESULT_KEYS <= result.keys()
     assert result["steps_completed"] == 6 and len(result["history"]) == 6
+    # the adapter on disk is the one measured (schedule-free's averaged weights, not its training-mode ones)
+    ref = resolve_model("tiny-lfm2")
+    tokenizer = load_tokenizer(ref)
+    reloaded = PeftModel.from_pretrained(load_model(ref, torch.float32, "cpu"), str(tmp_path / "adapter"))
+    measured = metrics.heldout_measures(reloaded.eval(), prepare_data(config, tokenizer).eval, config.kl_batch_size,
+                                        tokenizer.pad_token_id, torch.device("cpu"))
+    assert measured["eval_loss"] == pytest.approx(result["eval_loss"], abs=1e-5)
 
 
 def test_untrained_adapter_has_zero_kl_and_exact_param_count():

@@ -64,7 +64,8 @@ class LiveTable:
             self.start(trial_id, config)
         done, total, elapsed = step["step"], config["max_steps"], step.get("elapsed_s", 0.0)
         left = elapsed / done * (total - done) if done else math.nan
-        self.rows[trial_id].update(status="running", step=f"{done}/{total}", loss=f"{step['loss']:.4f}",
+        status = "measuring" if done >= total else "running"  # held-out loss, KL and the hub check come next
+        self.rows[trial_id].update(status=status, step=f"{done}/{total}", loss=f"{step['loss']:.4f}",
                                    ETA=format_duration(left) if done else "?",
                                    **{"tok/s": f"{step.get('tokens_per_s', 0):,.0f}"})
         self.draw()
