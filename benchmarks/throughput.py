@@ -178,7 +178,7 @@ def run_arm(arm: str, args, examples: list[dict], device) -> dict:
     from tune_lfm.memory import memory_budget_gb, plan_micro_batch
     from tune_lfm.optim import build_optimizer
     from tune_lfm.packing import PADDING_FREE_ARGS, enable_leak_free_packing, prepare_model_for_packing
-    from tune_lfm.trial import attach_lora
+    from tune_lfm.trial import attach_lora, checkpointing_arg
 
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     effective = args.batch_size * args.grad_accum
@@ -205,7 +205,7 @@ def run_arm(arm: str, args, examples: list[dict], device) -> dict:
         plan = plan_micro_batch(model, examples, trial, True, tokenizer.pad_token_id, device,
                                 memory_budget_gb(device, args.gpu_share))
         micro_batch = plan.micro_batch
-        execution = {**PADDING_FREE_ARGS, "gradient_checkpointing": plan.gradient_checkpointing,
+        execution = {**PADDING_FREE_ARGS, **checkpointing_arg(plan.gradient_checkpointing),
                      "torch_compile": args.compile}
     optimizer = build_optimizer("adamw", model.parameters(), args.lr, 0.0)
     clock = _step_clock()

@@ -498,7 +498,8 @@ def checkpointed_on(experiment: Path, pids: set[int]) -> bool:
 @pytest.mark.slow
 def test_lost_worker_node_its_trial_goes_on_elsewhere_from_its_checkpoint_and_the_sweep_completes(cluster, tmp_path):
     """SIGKILL worker-2 (raylet and all) once its trial has a resume checkpoint on the shared storage: the trial is
-    retried on worker-1 and continues from that checkpoint, each step recorded once."""
+    retried on worker-1 and continues from that checkpoint, each step recorded once, with the numbers of a run that
+    was never interrupted."""
     local_cluster = local_cluster_module()
     victim = next(n for n in cluster["state"]["nodes"] if n["name"] == "worker-2")
     space = tmp_path / "resumable.yaml"
@@ -532,4 +533,14 @@ def test_lost_worker_node_its_trial_goes_on_elsewhere_from_its_checkpoint_and_th
     assert moved["resumed_from_step"] in (4, 8, 12)  # from its checkpoint on the shared storage, not from step 0
     history = pd.read_parquet(experiment / "history.parquet")
     assert not history.duplicated(["trial_id", "step"]).any()
-    assert sorted(history[history["trial_id"] == moved["trial_id"]]["step"]) == list(range(1, 17))
+    resumed = history[history["trial_id"] == moved["trial_id"]].sort_values("step")
+    assert list(resumed["step"]) == list(range(1, 17))
+
+    from tune_lfm.config import config_from_dict
+    from tune_lfm.trial import run_trial
+
+    described = json.loads((Path(moved["adapter_uri"].removeprefix("file://")) / "tune_lfm_trial.json").read_text())
+    uninterrupted = run_trial(config_from_dict(described["config"]), log=lambda line: None)
+    assert list(resumed["loss"]) == pytest.approx([row["loss"] for row in uninterrupted["history"]], rel=1e-4)
+    for metric in ("train_loss", "eval_loss", "kl", "tokens_trained"):
+        assert moved[metric] == pytest.approx(uninterrupted[metric], rel=1e-3), metric

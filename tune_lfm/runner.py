@@ -103,7 +103,6 @@ def _release_gpu_memory() -> None:
         torch.cuda.empty_cache()
 
 
-
 def local_gpu_count() -> int:
     import torch
 
@@ -133,7 +132,6 @@ def measured_gpus_per_trial(config, cap: int) -> float:
     log(f"trial memory: {measured['peak_gb']:.1f} GiB at micro-batch {measured['micro_batch']} on "
         f"{measured['gpu_name']} ({measured['gpu_total_gb']:.0f} GiB) -> {per_gpu} trial(s) per GPU (cap {cap})")
     return 1 / per_gpu
-
 
 
 # ---------------------------------------------------------------- running a trial inside Ray
@@ -426,7 +424,6 @@ def _keep_credentials_out_of_trial_runtime_envs() -> None:
 
     class_cache.ENV_VARS_TO_PROPAGATE = class_cache.ENV_VARS_TO_PROPAGATE - {
         "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN"}
-
 
 
 def run_plan(plan: Plan, launch: Launch, interrupts: Interrupts) -> None:

@@ -196,6 +196,15 @@ def _checkpoint_forwarder(resume: Resume, recorder):
     return CheckpointForwarder()
 
 
+def checkpointing_arg(enabled: bool) -> dict[str, bool]:
+    """Activation checkpointing on or off, under the name this transformers takes: `activation_checkpointing` where
+    it exists (the old name then warns at every trial), `gradient_checkpointing` before it did."""
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": enabled}
+
+
 def _sft_config(config: TrialConfig, plan: MicroBatchPlan, packing: bool, output_dir: str, bf16: bool,
                 save_every: int | None = None):
     from trl import SFTConfig
@@ -209,7 +218,7 @@ def _sft_config(config: TrialConfig, plan: MicroBatchPlan, packing: bool, output
         gradient_accumulation_steps=plan.grad_accum, learning_rate=config.learning_rate,
         lr_scheduler_type="constant" if uses_own_schedule(config.optimizer) else config.lr_scheduler,
         warmup_steps=config.warmup_steps, weight_decay=config.weight_decay, **layout,
-        gradient_checkpointing=plan.gradient_checkpointing, torch_compile=config.torch_compile, bf16=bf16, fp16=False,
+        **checkpointing_arg(plan.gradient_checkpointing), torch_compile=config.torch_compile, bf16=bf16, fp16=False,
         seed=config.seed, data_seed=config.seed, logging_steps=config.logging_steps, logging_nan_inf_filter=False,
         include_num_input_tokens_seen="non_padding", eval_strategy="no", report_to="none",
         **({"save_strategy": "steps", "save_steps": save_every, "save_total_limit": 1} if save_every
