@@ -28,6 +28,12 @@ class ConfigError(ValueError):
     """A configuration value is wrong; the message names where, which key and what is allowed."""
 
 
+def expect(condition: bool, where: str, message: str) -> None:
+    """Raise ConfigError("<where>: <message>") unless `condition` holds."""
+    if not condition:
+        raise ConfigError(f"{where}: {message}")
+
+
 @dataclass
 class TrialConfig:
     """One LoRA SFT trial. Defaults follow the published study (batch 4 x accumulation 4, max_length 1024, r=8)."""

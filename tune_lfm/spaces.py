@@ -39,7 +39,7 @@ from typing import Any
 import yaml
 
 from .checkpoints import ArtifactSettings, parse_artifacts
-from .config import EMBEDDED_MODEL, FIELD_NAMES, ConfigError, TrialConfig, config_from_dict
+from .config import EMBEDDED_MODEL, FIELD_NAMES, ConfigError, TrialConfig, config_from_dict, expect
 from .sweep_settings import ResourceSettings, SchedulerSettings, SearchSettings, parse_settings
 
 SPACES_DIR = Path(__file__).resolve().parent / "search_spaces"
@@ -143,27 +143,22 @@ def find_space(name_or_path: str) -> Path:
     return candidate
 
 
-def _expect(condition: bool, where: str, message: str) -> None:
-    if not condition:
-        raise ConfigError(f"{where}: {message}")
-
-
 def _parse_dimension(key: str, spec: Any, where: str) -> Dimension:
-    _expect(key in FIELD_NAMES or key == "variants", where,
-            f"sweep key `{key}` is not a trial setting; allowed: variants, {', '.join(FIELD_NAMES)}")
-    _expect(isinstance(spec, dict) and len(spec) == 1, f"{where}.{key}",
-            f"must be a mapping with one of {', '.join(DIMENSION_KINDS)}, e.g. {{grid: [...]}}; got {spec!r}")
+    expect(key in FIELD_NAMES or key == "variants", where,
+           f"sweep key `{key}` is not a trial setting; allowed: variants, {', '.join(FIELD_NAMES)}")
+    expect(isinstance(spec, dict) and len(spec) == 1, f"{where}.{key}",
+           f"must be a mapping with one of {', '.join(DIMENSION_KINDS)}, e.g. {{grid: [...]}}; got {spec!r}")
     kind, values = next(iter(spec.items()))
-    _expect(kind in DIMENSION_KINDS, f"{where}.{key}", f"unknown kind `{kind}`; allowed: {', '.join(DIMENSION_KINDS)}")
-    _expect(isinstance(values, list) and values, f"{where}.{key}.{kind}", f"must be a non-empty list, got {values!r}")
+    expect(kind in DIMENSION_KINDS, f"{where}.{key}", f"unknown kind `{kind}`; allowed: {', '.join(DIMENSION_KINDS)}")
+    expect(isinstance(values, list) and values, f"{where}.{key}.{kind}", f"must be a non-empty list, got {values!r}")
     if kind in ("uniform", "loguniform", "randint"):
-        _expect(len(values) == 2 and all(isinstance(v, (int, float)) for v in values) and values[0] < values[1],
-                f"{where}.{key}.{kind}", f"must be [low, high] numbers with low < high, got {values!r}")
+        expect(len(values) == 2 and all(isinstance(v, (int, float)) for v in values) and values[0] < values[1],
+               f"{where}.{key}.{kind}", f"must be [low, high] numbers with low < high, got {values!r}")
         if kind == "loguniform":
-            _expect(values[0] > 0, f"{where}.{key}.{kind}", "bounds must be > 0")
+            expect(values[0] > 0, f"{where}.{key}.{kind}", "bounds must be > 0")
     if key == "variants":
-        _expect(kind in ("grid", "choice") and all(isinstance(v, dict) for v in values), f"{where}.variants",
-                "must be {grid: [mapping, ...]} of partial trial settings")
+        expect(kind in ("grid", "choice") and all(isinstance(v, dict) for v in values), f"{where}.variants",
+               "must be {grid: [mapping, ...]} of partial trial settings")
     return Dimension(kind, values)
 
 
@@ -171,41 +166,41 @@ def load_sweep(name_or_path: str, _seen: tuple[str, ...] = ()) -> Sweep:
     """Read and validate a sweep file (and the sweeps it includes); errors name the file and key."""
     path = find_space(name_or_path)
     where = str(path)
-    _expect(str(path.resolve()) not in _seen, where, "includes itself (cycle)")
+    expect(str(path.resolve()) not in _seen, where, "includes itself (cycle)")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{where}: not valid YAML: {err}") from None
-    _expect(isinstance(raw, dict), where, f"must be a mapping at the top level, got {type(raw).__name__}")
+    expect(isinstance(raw, dict), where, f"must be a mapping at the top level, got {type(raw).__name__}")
     unknown = set(raw) - set(TOP_KEYS)
-    _expect(not unknown, where, f"unknown top-level key(s) {sorted(unknown)}; allowed: {', '.join(TOP_KEYS)}")
+    expect(not unknown, where, f"unknown top-level key(s) {sorted(unknown)}; allowed: {', '.join(TOP_KEYS)}")
 
     sweep = Sweep(name=raw.get("name", path.stem), source=where, description=raw.get("description", ""))
     fixed = raw.get("fixed") or {}
-    _expect(isinstance(fixed, dict), f"{where}: fixed", "must be a mapping of trial settings")
+    expect(isinstance(fixed, dict), f"{where}: fixed", "must be a mapping of trial settings")
     if raw.get("user_datasets") is not None:
         fixed = {**fixed, "user_datasets": raw["user_datasets"]}
     config_from_dict(fixed, where=f"{where}: fixed")  # type-check the shared settings up front
     sweep.fixed = fixed
     dims = raw.get("sweep") or {}
-    _expect(isinstance(dims, dict), f"{where}: sweep", "must be a mapping of setting -> {grid|choice|...: values}")
+    expect(isinstance(dims, dict), f"{where}: sweep", "must be a mapping of setting -> {grid|choice|...: values}")
     sweep.dimensions = {key: _parse_dimension(key, spec, f"{where}: sweep") for key, spec in dims.items()}
     sweep.search = parse_settings(SearchSettings, raw.get("search"), f"{where}: search")
     if raw.get("scheduler") is not None:
         sweep.scheduler = parse_settings(SchedulerSettings, raw["scheduler"], f"{where}: scheduler")
     sweep.resources = parse_settings(ResourceSettings, raw.get("resources"), f"{where}: resources")
     sweep.max_failures = raw.get("max_failures", 1)
-    _expect(isinstance(sweep.max_failures, int) and sweep.max_failures >= 0, f"{where}: max_failures",
-            "must be an int >= 0")
+    expect(isinstance(sweep.max_failures, int) and sweep.max_failures >= 0, f"{where}: max_failures",
+           "must be an int >= 0")
     sweep.artifacts = parse_artifacts(raw.get("artifacts"), f"{where}: artifacts")
     includes = raw.get("include") or []
-    _expect(isinstance(includes, list), f"{where}: include", "must be a list of sweep names or paths")
+    expect(isinstance(includes, list), f"{where}: include", "must be a list of sweep names or paths")
     sweep.members = [load_sweep(name, _seen + (str(path.resolve()),)) for name in includes]
     sampled = [k for k, d in sweep.dimensions.items() if d.kind not in ("grid",)]
     if sweep.search.algorithm == "grid":
-        _expect(not sampled, f"{where}: sweep", f"{sampled} are sampled dimensions; use search.algorithm random or "
+        expect(not sampled, f"{where}: sweep", f"{sampled} are sampled dimensions; use search.algorithm random or "
                                                 "optuna, or make them grid")
-    _expect(not (sweep.members and sweep.search.algorithm == "optuna"), where, "an optuna search cannot include sweeps")
+    expect(not (sweep.members and sweep.search.algorithm == "optuna"), where, "an optuna search cannot include sweeps")
     return sweep
 
 
@@ -258,8 +253,8 @@ def _own_assignments(sweep: Sweep) -> list[dict[str, Any]]:
 
 def plan_trials(sweep: Sweep, scale: str, overrides: dict[str, Any] | None = None) -> list[PlannedTrial]:
     """Concrete trials of a grid/random sweep (composed sweeps: union, identical configs once, in first-seen order)."""
-    _expect(sweep.search.algorithm != "optuna", sweep.source,
-            "an optuna search has no fixed trial list; it samples as it goes")
+    expect(sweep.search.algorithm != "optuna", sweep.source,
+           "an optuna search has no fixed trial list; it samples as it goes")
     planned: dict[str, PlannedTrial] = {}
     sources = sweep.members or [sweep]
     for member in sources:

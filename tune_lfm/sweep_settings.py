@@ -13,16 +13,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import ConfigError
+from .config import expect
 
 ALGORITHMS = ("grid", "random", "optuna")
 SAMPLERS = ("tpe", "nsga2")
 OBJECTIVE_METRICS = ("train_loss", "eval_loss", "kl", "kl_p95", "trainable_params", "wall_s", "peak_mem_gb")
-
-
-def _expect(condition: bool, where: str, message: str) -> None:
-    if not condition:
-        raise ConfigError(f"{where}: {message}")
 
 
 def _positive_int(value: Any) -> bool:
@@ -49,18 +44,18 @@ class SearchSettings:
     """Seed of the random draws and of Optuna's sampler."""
 
     def check(self, where: str) -> SearchSettings:
-        _expect(self.algorithm in ALGORITHMS, f"{where}.algorithm", f"`{self.algorithm}` is not one of "
-                f"{', '.join(ALGORITHMS)}")
-        _expect(_positive_int(self.num_samples), f"{where}.num_samples",
-                f"must be a positive int, got {self.num_samples!r}")
-        _expect(self.sampler in SAMPLERS, f"{where}.sampler", f"`{self.sampler}` is not one of {', '.join(SAMPLERS)}")
-        _expect(isinstance(self.seed, int) and not isinstance(self.seed, bool), f"{where}.seed",
-                f"must be an int, got {self.seed!r}")
-        _expect(isinstance(self.objectives, dict), f"{where}.objectives", "must map metric -> min | max")
+        expect(self.algorithm in ALGORITHMS, f"{where}.algorithm", f"`{self.algorithm}` is not one of "
+               f"{', '.join(ALGORITHMS)}")
+        expect(_positive_int(self.num_samples), f"{where}.num_samples",
+               f"must be a positive int, got {self.num_samples!r}")
+        expect(self.sampler in SAMPLERS, f"{where}.sampler", f"`{self.sampler}` is not one of {', '.join(SAMPLERS)}")
+        expect(isinstance(self.seed, int) and not isinstance(self.seed, bool), f"{where}.seed",
+               f"must be an int, got {self.seed!r}")
+        expect(isinstance(self.objectives, dict), f"{where}.objectives", "must map metric -> min | max")
         for metric, mode in self.objectives.items():
-            _expect(metric in OBJECTIVE_METRICS, f"{where}.objectives",
-                    f"`{metric}` is not a reported metric; allowed: {', '.join(OBJECTIVE_METRICS)}")
-            _expect(mode in ("min", "max"), f"{where}.objectives.{metric}", f"must be min or max, got {mode!r}")
+            expect(metric in OBJECTIVE_METRICS, f"{where}.objectives",
+                   f"`{metric}` is not a reported metric; allowed: {', '.join(OBJECTIVE_METRICS)}")
+            expect(mode in ("min", "max"), f"{where}.objectives.{metric}", f"must be min or max, got {mode!r}")
         if self.algorithm == "optuna" and not self.objectives:
             return dataclasses.replace(self, objectives={"train_loss": "min"})
         return self
@@ -82,13 +77,13 @@ class SchedulerSettings:
     """At each rung only the best 1/reduction_factor of trials go on."""
 
     def check(self, where: str) -> SchedulerSettings:
-        _expect(self.type == "asha", f"{where}.type", f"`{self.type}` is not supported; use asha")
-        _expect(self.metric in ("loss",) + OBJECTIVE_METRICS, f"{where}.metric",
-                "must be loss (the step loss) or a reported metric")
-        _expect(self.mode in ("min", "max"), f"{where}.mode", "must be min or max")
-        _expect(_positive_int(self.grace_period), f"{where}.grace_period", "must be a positive int")
-        _expect(_positive_int(self.reduction_factor) and self.reduction_factor > 1, f"{where}.reduction_factor",
-                "must be an int > 1")
+        expect(self.type == "asha", f"{where}.type", f"`{self.type}` is not supported; use asha")
+        expect(self.metric in ("loss",) + OBJECTIVE_METRICS, f"{where}.metric",
+               "must be loss (the step loss) or a reported metric")
+        expect(self.mode in ("min", "max"), f"{where}.mode", "must be min or max")
+        expect(_positive_int(self.grace_period), f"{where}.grace_period", "must be a positive int")
+        expect(_positive_int(self.reduction_factor) and self.reduction_factor > 1, f"{where}.reduction_factor",
+               "must be an int > 1")
         return self
 
 
@@ -108,11 +103,11 @@ class ResourceSettings:
     def check(self, where: str) -> ResourceSettings:
         for key in ("gpus_per_trial", "cpus_per_trial"):
             value = getattr(self, key)
-            _expect(value is None or value == "auto" or _positive_number(value), f"{where}.{key}",
-                    f"must be a positive number or auto, got {value!r}")
+            expect(value is None or value == "auto" or _positive_number(value), f"{where}.{key}",
+                   f"must be a positive number or auto, got {value!r}")
         for key in ("max_concurrent", "max_trials_per_gpu"):
             value = getattr(self, key)
-            _expect(value is None or _positive_int(value), f"{where}.{key}", f"must be a positive int, got {value!r}")
+            expect(value is None or _positive_int(value), f"{where}.{key}", f"must be a positive int, got {value!r}")
         return self
 
     def cpus(self, scale: str) -> float:
@@ -143,7 +138,7 @@ def parse_settings(cls: type, spec: Any, where: str):
     if spec is None:
         return cls()
     names = [f.name for f in dataclasses.fields(cls)]
-    _expect(isinstance(spec, dict), where, f"must be a mapping of {', '.join(names)}; got {type(spec).__name__}")
+    expect(isinstance(spec, dict), where, f"must be a mapping of {', '.join(names)}; got {type(spec).__name__}")
     unknown = sorted(set(spec) - set(names))
-    _expect(not unknown, where, f"unknown key(s) {unknown}; allowed: {', '.join(names)}")
+    expect(not unknown, where, f"unknown key(s) {unknown}; allowed: {', '.join(names)}")
     return cls(**spec).check(where)
