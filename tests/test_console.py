@@ -13,12 +13,23 @@ def row(trial_id, dataset, eval_loss, status="completed", **extra):
 
 
 def test_table_names_trials_by_what_varies_best_first_and_failures_last():
-    rows = [row("b", "gsm8k", 2.5), row("c", "dolly", math.nan, status="failed", error="boom"), row("a", "alpaca", 2.1)]
-    assert varied_settings(rows) == ["dataset"]
+    rows = [row("b", "alpaca", 2.5, lora_rank=4), row("c", "alpaca", math.nan, status="failed", error="boom"),
+            row("a", "alpaca", 2.1, lora_rank=16)]
+    assert varied_settings(rows) == ["lora_rank"]
     lines = results_table(rows).splitlines()
-    assert lines[0].split() == ["trial_id", "dataset", "status", "eval_loss", "improvement", "kl", "params", "wall_s"]
-    assert [line.split()[0] for line in lines[2:]] == ["a", "b", "c"]
+    assert lines[0].split() == ["trial_id", "lora_rank", "status", "eval_loss", "improvement", "probe_loss", "kl",
+                                "params", "wall_s"]
+    assert [line.split()[0] for line in lines[2:]] == ["a", "b", "c"]  # one dataset: lowest held-out loss first
     assert "2.1000±0.0100" in lines[2] and "26,624" in lines[2] and lines[4].split()[3] == "-"
+
+
+def test_trials_of_different_datasets_are_ordered_on_the_shared_probe_set():
+    """Held-out losses of different datasets are on different rows: gsm8k's low one says gsm8k is easy, not that
+    training helped most. The probe set is the same for every trial."""
+    rows = [row("g", "gsm8k", 1.9, probe_loss=6.30, probe_loss_se=0.02),
+            row("u", "ultrachat", 2.6, probe_loss=6.28, probe_loss_se=0.02)]
+    lines = results_table(rows).splitlines()
+    assert [line.split()[0] for line in lines[2:]] == ["u", "g"] and "6.2800±0.0200" in lines[2]
 
 
 def test_a_finished_trial_is_one_line_and_a_failed_one_says_why():

@@ -23,7 +23,8 @@ def test_datasets_sweep_end_to_end_writes_both_dataframes(quickstart):
     assert len(out.stderr.splitlines()) < 60, out.stderr
     table = out.stdout.splitlines()  # stdout holds the results table alone
     assert table[0].split()[:2] == ["trial_id", "dataset"] and len(table) == 12, out.stdout
-    losses = [float(line.split()[3].split("±")[0]) for line in table[2:]]
+    assert table[0].split()[5] == "probe_loss"  # ten datasets: ordered on the probe set they share
+    losses = [float(line.split()[5].split("±")[0]) for line in table[2:]]
     assert losses == sorted(losses)
     trials = pd.read_parquet(experiment / "trials.parquet")
     assert len(trials) == 10 and set(trials["status"]) == {"completed"}, trials[["dataset", "status", "error"]]

@@ -124,12 +124,15 @@ def trial_line(row: dict[str, Any], varied: list[str]) -> str:
 
 
 def results_table(rows: list[dict[str, Any]]) -> str:
-    """Every trial, best held-out loss first (failed ones last), with standard errors."""
+    """Every trial, best first (failed ones last), with standard errors. Best is the lowest held-out loss when the
+    trials share a dataset; when datasets differ their held-out rows differ too, so the order is the loss on the
+    probe set, the same conversations for every trial (as the analysis ranks them)."""
     varied = varied_settings(rows)
-    ordered = sorted(rows, key=lambda row: (row.get("status") == "failed", _sort_key(row.get("eval_loss"))))
-    header = ["trial_id", *varied, "status", "eval_loss", "improvement", "kl", "params", "wall_s"]
+    rank_by = "probe_loss" if len({row.get("dataset") for row in rows}) > 1 else "eval_loss"
+    ordered = sorted(rows, key=lambda row: (row.get("status") == "failed", _sort_key(row.get(rank_by))))
+    header = ["trial_id", *varied, "status", "eval_loss", "improvement", "probe_loss", "kl", "params", "wall_s"]
     body = [[str(row.get("trial_id")), *(str(row.get(name)) for name in varied), str(row.get("status")),
-             _with_error(row, "eval_loss"), _with_error(row, "improvement"), _with_error(row, "kl"),
+             *(_with_error(row, metric) for metric in ("eval_loss", "improvement", "probe_loss", "kl")),
              _count(row.get("trainable_params")), _count(row.get("wall_s"))] for row in ordered]
     return "\n".join(_columns(header, body))
 
