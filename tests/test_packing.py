@@ -149,10 +149,26 @@ def test_enable_is_idempotent_and_disable_restores():
     assert modeling_lfm2.causal_conv1d_fn is original
 
 
-def test_prepare_model_for_packing_keeps_sdpa_off_cuda(leak_free):
+def test_prepare_model_for_packing_attends_per_conversation(leak_free):
     model = tiny_model()
     assert packing.prepare_model_for_packing(model)
-    assert packing.leak_free_packing_enabled() and model.config._attn_implementation == "sdpa"
+    assert packing.leak_free_packing_enabled() and model.config._attn_implementation == packing.VARLEN_ATTENTION
+
+
+def test_attention_per_conversation_trains_like_the_block_diagonal_mask(leak_free, conversations):
+    """Off CUDA the packed row's attention runs conversation by conversation instead of masked over the whole row:
+    the same loss and the same gradients."""
+    batch = packed_batch(conversations)
+    grads = {}
+    for attention in ("sdpa", packing.VARLEN_ATTENTION):
+        model = tiny_model(attention)
+        loss = model(**batch, use_cache=False).loss
+        loss.backward()
+        grads[attention] = (loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None])
+    (masked_loss, masked), (split_loss, split) = grads["sdpa"], grads[packing.VARLEN_ATTENTION]
+    torch.testing.assert_close(split_loss, masked_loss, atol=1e-5, rtol=1e-5)
+    for a, b in zip(split, masked):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 def leaky_conv(x, weight, bias=None, activation=None, seq_idx=None, **_):

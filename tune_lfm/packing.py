@@ -7,8 +7,9 @@ With padding-free batches (TRL's collator, `padding_free=True`) several conversa
   and `flex_attention` (`masking_utils.find_packed_sequence_indices`), so those stay per conversation as they are,
   provided the forward has no cache and no 2D attention mask (SFTTrainer passes `use_cache=False`; a forward with the
   model's default `use_cache=True` builds a cache and silently gets a plain causal mask over the whole row).
-  `VARLEN_ATTENTION` adds PyTorch's variable-length flash attention on CUDA, which skips the cross-conversation
-  blocks instead of masking them.
+  `VARLEN_ATTENTION` skips the cross-conversation blocks instead of masking them: PyTorch's variable-length flash
+  attention on CUDA, one causal SDPA per conversation elsewhere (on CPU a masked SDPA over a row of four 512-token
+  conversations does four times the attention work; benchmarks/packed_attention_cost.py).
 - The short convolution (`Lfm2ShortConv`, kernel `conv_L_cache` = 3) looks back two tokens. transformers honours
   `seq_idx` there only through the CUDA `causal_conv1d` package; without it 5.24 raises "can't keep packed sequences
   apart" and 5.17 silently drops `seq_idx`, so the first tokens of a conversation would see the previous one.
@@ -27,7 +28,8 @@ import inspect
 import torch
 
 VARLEN_ATTENTION = "tune_lfm_varlen"
-"""Attention implementation name: variable-length flash attention on CUDA for padding-free batches, else SDPA."""
+"""Attention implementation name: per-conversation attention for padding-free rows (variable-length flash attention
+on CUDA, one SDPA per conversation elsewhere); every other batch goes to transformers' SDPA."""
 
 PADDING_FREE_ARGS = {"padding_free": True, "packing": False, "max_length": None}
 """SFTConfig settings for a packed trial: each micro-batch's conversations are concatenated into one row, no padding.
@@ -105,7 +107,7 @@ def enable_leak_free_packing() -> None:
 def prepare_model_for_packing(model) -> bool:
     """Ready `model` for padding-free rows and check that it keeps them apart; call before attaching LoRA.
 
-    Enables the LFM2 short-convolution fix and, for a CUDA model on SDPA, `VARLEN_ATTENTION`. Then any model, LFM2 or
+    Enables the LFM2 short-convolution fix and, for a model on SDPA, `VARLEN_ATTENTION`. Then any model, LFM2 or
     not, must pass `packing_keeps_sequences_apart`. Returns False (and restores the model's attention) when it does
     not, e.g. an architecture with another token-mixing operator that ignores `seq_idx`: the trial then trains
     unpacked, which is slower but the same training run.
@@ -115,7 +117,7 @@ def prepare_model_for_packing(model) -> bool:
     except RuntimeError:  # this transformers calls LFM2's conv differently; the model check below decides
         pass
     attention = model.config._attn_implementation
-    if model.device.type == "cuda" and attention == "sdpa":
+    if attention == "sdpa":
         model.set_attn_implementation(VARLEN_ATTENTION)
     if packing_keeps_sequences_apart(model):
         return True
@@ -210,20 +212,20 @@ def _check_short_conv_keeps_sequences_apart(modeling_lfm2) -> None:
 
 
 def varlen_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Attention over padding-free rows with `torch.nn.attention.varlen.varlen_attn` (flash, CUDA, fp16/bf16).
-
-    Uses the `cu_seq_lens_q` / `max_length_q` that TRL's padding-free collator emits; every other call (padded
-    batches, CPU, fp32, dropout, a torch without varlen_attn) goes to transformers' SDPA with the mask transformers
-    built for it, which is block-diagonal for packed rows.
+    """Attention over padding-free rows, each conversation on its own, from the `cu_seq_lens_q` / `max_length_q`
+    that TRL's padding-free collator emits: `torch.nn.attention.varlen.varlen_attn` (flash) on CUDA in fp16/bf16,
+    else one causal SDPA per conversation. Every other call (padded batches, several rows, dropout) goes to
+    transformers' SDPA with the mask transformers built for it.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     cu_seq_lens = kwargs.get("cu_seq_lens_q")
-    kernel = _varlen_kernel(query.shape[-1], scaling)
-    if (kernel is None or cu_seq_lens is None or not query.is_cuda or query.shape[0] != 1
-            or query.dtype not in (torch.float16, torch.bfloat16) or (dropout and module.training)):
+    if cu_seq_lens is None or query.shape[0] != 1 or (dropout and module.training):
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
+    kernel = _varlen_kernel(query.shape[-1], scaling)
+    if kernel is None or not query.is_cuda or query.dtype not in (torch.float16, torch.bfloat16):
+        return _attention_per_conversation(module, query, key, value, cu_seq_lens, scaling, **kwargs)
     groups = query.shape[1] // key.shape[1]
     q = query[0].transpose(0, 1)
     k = key[0].transpose(0, 1).repeat_interleave(groups, dim=1)
@@ -231,6 +233,19 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
     cu_seq_lens = cu_seq_lens.to(device=q.device, dtype=torch.int32)
     longest = int(kwargs.get("max_length_q") or cu_seq_lens.diff().max())
     return kernel(q, k, v, cu_seq_lens, cu_seq_lens, longest, longest).unsqueeze(0), None
+
+
+def _attention_per_conversation(module, query, key, value, cu_seq_lens, scaling, **kwargs):
+    """Causal SDPA on each conversation's slice of the row, outputs concatenated back in row order: what the
+    block-diagonal mask computes, without the attention between conversations that the mask then discards."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    kwargs.pop("is_causal", None)
+    bounds = [int(b) for b in cu_seq_lens.tolist()]
+    pieces = [sdpa_attention_forward(module, query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
+                                     None, scaling=scaling, is_causal=True, **kwargs)[0]
+              for start, end in zip(bounds, bounds[1:]) if end > start]
+    return torch.cat(pieces, dim=1), None
 
 
 @functools.cache
