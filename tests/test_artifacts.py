@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from ray_results import resume_checkpoint_held
 
 pytestmark = pytest.mark.slow
 ENV = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "WANDB_"))}
@@ -217,16 +218,6 @@ def trial_workers(driver_pid: int) -> list:
     return workers
 
 
-def checkpoint_registered(experiment: Path) -> bool:
-    """The driver has recorded a resume checkpoint and a result after it (so Ray holds it for a retry): read from
-    the result.json Ray's driver writes per trial, one line per result."""
-    for results in glob.glob(str(experiment / "*" / "result.json")):
-        kinds = [json.loads(line).get("kind") for line in Path(results).read_text().splitlines() if line.strip()]
-        if "checkpoint" in kinds and kinds.index("checkpoint") < len(kinds) - 1:
-            return True
-    return False
-
-
 @pytest.fixture(scope="module")
 def killed(tmp_path_factory):
     """A two-trial Optuna search, one trial at a time, whose first trial's worker process is SIGKILLed once the driver
@@ -238,7 +229,7 @@ def killed(tmp_path_factory):
                                str(root), "--name", "exp", "--scale", "full", "--set", "model=tiny-lfm2", "--set",
                                "data_source=embedded"], env=ENV, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 600
-    while time.time() < deadline and not checkpoint_registered(root / "exp"):
+    while time.time() < deadline and not resume_checkpoint_held(root / "exp"):
         time.sleep(0.05)
     workers = trial_workers(driver.pid)
     [worker] = workers

@@ -22,6 +22,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from ray_results import resume_checkpoint_held
 
 from tune_lfm.config import ConfigError
 from tune_lfm.results import read_parquet, write_parquet_atomic
@@ -484,17 +485,6 @@ def trial_pids(local_cluster, node_pid: int) -> set[int]:
     return pids
 
 
-def checkpointed_on(experiment: Path, pids: set[int]) -> bool:
-    """A trial run by one of `pids` has a resume checkpoint the driver holds (a result arrived after it): read from
-    the result.json the driver writes per trial, whose lines carry the reporting worker's pid."""
-    for results in experiment.glob("*/result.json"):
-        lines = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
-        kinds = [line.get("kind") for line in lines]
-        if any(line.get("pid") in pids for line in lines) and "checkpoint" in kinds[:-1]:
-            return True
-    return False
-
-
 @pytest.mark.slow
 def test_lost_worker_node_its_trial_goes_on_elsewhere_from_its_checkpoint_and_the_sweep_completes(cluster, tmp_path):
     """SIGKILL worker-2 (raylet and all) once its trial has a resume checkpoint on the shared storage: the trial is
@@ -513,7 +503,7 @@ def test_lost_worker_node_its_trial_goes_on_elsewhere_from_its_checkpoint_and_th
                                   stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 240
-        while not checkpointed_on(experiment, trial_pids(local_cluster, victim["pid"])):
+        while not resume_checkpoint_held(experiment, trial_pids(local_cluster, victim["pid"])):
             assert time.time() < deadline and driver.poll() is None, "no trial checkpointed on worker-2"
             time.sleep(0.05)
         killed = subprocess.run([*cluster["script"], "kill", "worker-2"], capture_output=True, text=True, env=ENV)
