@@ -1,28 +1,28 @@
-"""Tests run offline on the CPU: no hub access, the embedded model and data, and a cache of their own."""
+"""Tests run offline on the CPU: no hub access, the embedded model and data, and a cache of their own.
+
+The suite runs on two pytest-xdist workers (pyproject addopts): the end-to-end tests mostly wait on Ray, subprocesses
+and sockets, so one worker leaves a 2-core machine half idle. A file's tests stay on one worker (--dist loadfile), so
+its module fixtures (a sweep, a cluster) run once, and the slow files are handed out first, longest first, so no
+worker is left with a long file at the end.
+"""
 
 import os
-import subprocess
-import sys
 import tempfile
 
-import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # two workers on two cores: more torch threads only oversubscribe
 os.environ["TUNE_LFM_CACHE"] = tempfile.mkdtemp(prefix="tune_lfm_test_cache_")
 
 
-@pytest.fixture(scope="session")
-def quickstart(tmp_path_factory):
-    """The README's main job, `python -m tune_lfm.search datasets` (tiny scale: no GPU here), with MLflow and
-    TensorBoard logging on; run once for every test that reads a finished sweep (test_search, test_artifacts).
-    Returns the experiment directory and the finished process (its stdout and stderr)."""
-    storage = tmp_path_factory.mktemp("quickstart")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "WANDB_"))}
-    out = subprocess.run([sys.executable, "-m", "tune_lfm.search", "datasets", "--storage", str(storage), "--name",
-                          "exp", "--log", "mlflow", "--log", "tensorboard"], capture_output=True, text=True,
-                         timeout=900, env={**env, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
-    assert out.returncode == 0, out.stderr[-3000:]
-    return storage / "exp", out
+SLOW_FIRST = ("test_quickstart", "test_interrupts", "test_cluster", "test_s3_storage", "test_hub_rehearsal",
+              "test_recovery", "test_artifacts", "test_benchmarks")
+"""Files that start Ray or train many trials, longest first (measured with `pytest --durations=0`)."""
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: position for position, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: each file keeps its own order

@@ -189,7 +189,8 @@ def test_a_reader_always_sees_a_complete_trials_file_while_it_is_rewritten(tmp_p
                 try:
                     frame = read(uri) if read is read_parquet else read()
                     if len(frame) != frame["n"].iloc[0]:
-                        failures.append(f"{read.__name__}: {len(frame)} rows in a file written with {frame['n'].iloc[0]}")
+                        written = frame["n"].iloc[0]
+                        failures.append(f"{read.__name__}: {len(frame)} rows in a file written with {written}")
                     reads.append(len(frame))
                 except Exception as err:  # a torn or half-written file
                     failures.append(f"{read.__name__}: {err!r}")

@@ -1,5 +1,5 @@
-"""A sweep stopped by Ctrl-C or SIGTERM says so, keeps what finished and prints the command that resumes it; while
-it runs, a second driver on the same experiment is refused with the first one's name."""
+"""A sweep stopped by Ctrl-C or SIGTERM says so, keeps what finished and prints the command that resumes it, which
+runs only the rest. (A second driver on a held experiment is refused: test_lock.py.)"""
 
 import os
 import re
@@ -34,7 +34,7 @@ def finished_rows(trials_file) -> int:
     return len(pd.read_parquet(trials_file)) if trials_file.exists() else 0
 
 
-def test_interrupted_sweep_reports_and_resumes_and_the_experiment_has_one_writer(tmp_path):
+def test_interrupted_sweep_reports_and_resumes(tmp_path):
     space = tmp_path / "seeds.yaml"
     space.write_text(SPACE)
     trials_file = tmp_path / "exp" / "trials.parquet"
@@ -44,10 +44,6 @@ def test_interrupted_sweep_reports_and_resumes_and_the_experiment_has_one_writer
     with open(log, "w") as sink:
         first = start(command, sink)
     try:
-        wait_for(lambda: "experiment: " in log.read_text(), first)  # it holds the lock and starts its trials
-        second = subprocess.run([*command, "--resume"], capture_output=True, text=True, env=ENV, timeout=300)
-        assert second.returncode == 2, second.stderr[-2000:]
-        assert f"is in use by another driver (host {os.uname().nodename}, pid {first.pid}" in second.stderr
         wait_for(lambda: finished_rows(trials_file) >= 1, first)
         os.killpg(first.pid, signal.SIGINT)  # Ctrl-C in the terminal: the driver's whole process group
         assert first.wait(timeout=300) == 130, log.read_text()[-3000:]

@@ -48,6 +48,24 @@ def test_a_second_driver_is_refused_with_the_holders_name(experiment):
         holder.wait()
 
 
+@pytest.mark.parametrize("resume", [[], ["--resume"]])
+def test_the_search_cli_refuses_a_held_experiment_before_it_starts_ray(tmp_path, resume):
+    experiment = tmp_path / "exp"
+    space = tmp_path / "seeds.yaml"
+    space.write_text("fixed: {dataset: alpaca, max_steps: 20}\nsweep: {seed: {grid: [1, 2]}}\n")
+    holder = hold_in_another_process(str(experiment))
+    try:
+        second = subprocess.run([sys.executable, "-m", "tune_lfm.search", str(space), "--storage", str(tmp_path),
+                                 "--name", "exp", "--scale", "tiny", *resume], capture_output=True, text=True,
+                                timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    finally:
+        holder.kill()
+        holder.wait()
+    assert second.returncode == 2, second.stderr[-2000:]
+    assert f"is in use by another driver (host {socket.gethostname()}, pid {holder.pid}" in second.stderr
+    assert "Traceback" not in second.stderr and "scale:" not in second.stderr  # the line printed once Ray runs
+
+
 def test_the_lock_of_a_killed_driver_is_taken_over(experiment, capsys):
     holder = hold_in_another_process(experiment)
     holder.kill()  # SIGKILL: no cleanup, the lock file stays behind

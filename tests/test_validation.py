@@ -12,7 +12,8 @@ import pytest
 from tune_lfm import search, trial
 from tune_lfm.models import EMBEDDED_DIR
 
-SWEEP = "fixed: {{max_steps: 30}}\nuser_datasets:\n  mine: {{path: {path}, format: {format}}}\nsweep: {{dataset: {{grid: [{dataset}]}}}}\n"
+SWEEP = ("fixed: {{max_steps: 30}}\nuser_datasets:\n  mine: {{path: {path}, format: {format}}}\n"
+         "sweep: {{dataset: {{grid: [{dataset}]}}}}\n")
 
 
 def refused(capsys, main, *args) -> str:

@@ -50,8 +50,8 @@ def latest_experiment(storage: str, sweep_name: str) -> str | None:
 
 
 def choose_experiment(args: argparse.Namespace, sweep: Sweep, scale: str) -> tuple[str, str]:
-    """The experiment's name and directory; refuses to resume one that does not exist or to start over one that does
-    (which would run its finished trials again)."""
+    """The experiment's name and directory; refuses one that another live driver holds, to resume one that does not
+    exist, or to start over one that does (which would run its finished trials again)."""
     storage = args.storage
     name = args.name or (latest_experiment(storage, sweep.name) if args.resume else None)
     if args.resume == "required" and not name:
@@ -62,10 +62,10 @@ def choose_experiment(args: argparse.Namespace, sweep: Sweep, scale: str) -> tup
     if args.resume == "required" and not exists:
         raise ConfigError(f"--resume: there is no experiment {experiment_dir} to continue; check --storage and "
                           "--name, or leave out --resume to start it")
+    holder = live_holder(experiment_dir) if exists else None
+    if holder:  # said before Ray starts; the lock taken later is what guarantees one writer
+        raise in_use_error(experiment_dir, holder)
     if not args.resume and exists:
-        holder = live_holder(experiment_dir)
-        if holder:
-            raise in_use_error(experiment_dir, holder)
         raise ConfigError(f"--name {name}: experiment {experiment_dir} already exists; continue it with --resume, or "
                           "choose another --name")
     return name, experiment_dir

@@ -299,6 +299,7 @@ def run_trial(config: TrialConfig, reporter: Reporter | None = None, save_adapte
     from trl import SFTTrainer
 
     from . import metrics
+    from .lm_head import use_lean_lm_head
     from .memory import memory_budget_gb, plan_micro_batch
     from .models import load_tokenizer, resolve_model
     from .optim import build_optimizer, prepare_for_eval
@@ -332,6 +333,7 @@ def run_trial(config: TrialConfig, reporter: Reporter | None = None, save_adapte
                              train_dataset=Dataset.from_list(data.train), processing_class=tokenizer,
                              optimizers=(optimizer, None), callbacks=callbacks)
         trainer.remove_callback(PrinterCallback)  # it prints log dicts to stdout, where our JSON goes
+        use_lean_lm_head(model.get_base_model(), device)
         trainer.train(resume_from_checkpoint=resume.start if resume else None)
     prepare_for_eval(optimizer)
     model.eval()

@@ -1,0 +1,101 @@
+"""The lean LM head (tune_lfm/lm_head.py) gives what TRL's fused head gives: the same loss, per-token outputs and
+gradients, checked against plain full-logit arithmetic and against TRL's own head on the embedded model."""
+
+import pytest
+import torch
+
+from tune_lfm.lm_head import TOKENS_PER_BLOCK, LeanLogProbs, lean_head_applies, use_lean_lm_head
+
+
+def test_log_probs_entropy_top1_and_gradients_equal_full_logits():
+    torch.manual_seed(0)
+    n, hidden_size, vocab = 3 * TOKENS_PER_BLOCK + 5, 16, 300  # a partial last block
+    hidden = torch.randn(n, hidden_size, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(vocab, hidden_size, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(vocab, (n,))
+    with torch.no_grad():  # some targets are the argmax; one ties with an earlier token, so is not the first argmax
+        targets[:20] = (hidden[:20] @ weight.t()).argmax(-1)
+        tied = int((targets[:20] > 0).nonzero()[0])
+        weight[targets[tied] - 1] = weight[targets[tied]]
+    upstream = torch.randn(n, dtype=torch.float64)
+
+    log_probs, entropy, is_top1 = LeanLogProbs.apply(hidden, weight, targets)
+    (log_probs * upstream).sum().backward()
+    lean_grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+
+    reference = torch.log_softmax(hidden @ weight.t(), -1)
+    expected = reference.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    (expected * upstream).sum().backward()
+    torch.testing.assert_close(log_probs.double(), expected.detach(), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(entropy.double(), -(reference.exp() * reference).sum(-1).detach(), rtol=1e-5,
+                               atol=1e-5)
+    assert torch.equal(is_top1, reference.argmax(-1) == targets) and is_top1.sum() >= 10 and not is_top1[tied]
+    torch.testing.assert_close(lean_grads[0], hidden.grad, rtol=1e-4, atol=1e-5)  # the head computes in fp32
+    torch.testing.assert_close(lean_grads[1], weight.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny_lora_and_batch():
+    from peft import LoraConfig, get_peft_model
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from tune_lfm.config import TrialConfig
+    from tune_lfm.models import load_model, load_tokenizer, resolve_model
+    from tune_lfm.packing import prepare_model_for_packing
+    from tune_lfm.spaces import scaled_config
+    from tune_lfm.trial import prepare_data
+
+    ref = resolve_model("tiny-lfm2")
+    tokenizer = load_tokenizer(ref)
+    data = prepare_data(scaled_config(TrialConfig(dataset="magicoder"), "tiny"), tokenizer)  # long prompts: -100
+    batch = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)(data.train[:3])
+    torch.manual_seed(0)
+    base = load_model(ref, torch.float32, torch.device("cpu"))
+    assert prepare_model_for_packing(base)  # the padding-free row below holds three conversations
+    lora = LoraConfig(r=8, target_modules=["q_proj", "v_proj", "in_proj", "w1"], init_lora_weights=False)
+    model = get_peft_model(base, lora)
+    return model, batch
+
+
+def fused_pass(model, batch):
+    model.zero_grad()
+    out = model(**batch, fused_lm_head=True)
+    out.loss.backward()
+    return out, {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def test_on_the_embedded_model_it_gives_trls_loss_outputs_and_lora_gradients(tiny_lora_and_batch):
+    from trl.trainer import add_fused_lm_head
+
+    from tune_lfm.forwards import restored_forwards
+
+    model, batch = tiny_lora_and_batch
+    causal_lm = model.get_base_model()
+    assert (batch["labels"] == -100).float().mean() > 0.2  # prompt tokens: the lean head skips them
+    with restored_forwards([causal_lm]):
+        add_fused_lm_head(causal_lm, outputs=("log_probs", "entropy", "is_top1"))
+        trl, trl_grads = fused_pass(model, batch)
+        assert use_lean_lm_head(causal_lm, torch.device("cpu"))
+        lean, lean_grads = fused_pass(model, batch)
+        plain = model(**batch, fused_lm_head=False)  # other calls still reach the model's own forward
+    torch.testing.assert_close(lean.loss, trl.loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(plain.loss, trl.loss, rtol=1e-5, atol=1e-5)
+    assert torch.equal(lean.label_mask, trl.label_mask) and torch.equal(lean.is_top1, trl.is_top1)
+    for field in ("log_probs", "entropy"):
+        torch.testing.assert_close(getattr(lean, field), getattr(trl, field), rtol=1e-5, atol=1e-5)
+    assert lean_grads.keys() == trl_grads.keys() and len(lean_grads) > 10
+    for name, grad in trl_grads.items():
+        torch.testing.assert_close(lean_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_scaled_or_biased_logits_keep_trls_head(tiny_lora_and_batch):
+    model, _ = tiny_lora_and_batch
+    causal_lm = model.get_base_model()
+    assert lean_head_applies(causal_lm, torch.device("cpu"))
+    text_config = causal_lm.config.get_text_config()
+    text_config.final_logit_softcapping = 30.0
+    try:
+        assert not lean_head_applies(causal_lm, torch.device("cpu"))
+    finally:
+        text_config.final_logit_softcapping = None
