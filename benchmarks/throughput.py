@@ -6,7 +6,8 @@ the work is executed:
 
 - `plain_trl`: what a user gets from SFTTrainer's defaults: right-padded batches, gradient checkpointing on.
 - `tune_lfm`: what a trial runs: padding-free rows (`tune_lfm.packing.PADDING_FREE_ARGS`) with leak-free LFM2
-  packing and variable-length attention, no gradient checkpointing, and the micro-batch a trial plans
+  packing and variable-length attention, no gradient checkpointing, the lean LM head off CUDA
+  (`tune_lfm.lm_head`), and the micro-batch a trial plans
   (`tune_lfm.memory.plan_micro_batch`: on a GPU the largest that fits, measured; `--micro-batch N` fixes it), with
   accumulation adjusted so the effective batch is unchanged.
 
@@ -175,6 +176,7 @@ def run_arm(arm: str, args, examples: list[dict], device) -> dict:
 
     from tune_lfm import metrics
     from tune_lfm.config import TrialConfig
+    from tune_lfm.lm_head import use_lean_lm_head
     from tune_lfm.memory import memory_budget_gb, plan_micro_batch
     from tune_lfm.optim import build_optimizer
     from tune_lfm.packing import PADDING_FREE_ARGS, enable_leak_free_packing, prepare_model_for_packing
@@ -218,6 +220,7 @@ def run_arm(arm: str, args, examples: list[dict], device) -> dict:
         trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(examples),
                              processing_class=tokenizer, optimizers=(optimizer, None), callbacks=[clock])
         trainer.remove_callback(PrinterCallback)
+        lean_lm_head = arm == "tune_lfm" and use_lean_lm_head(model.get_base_model(), device)
         trainer.train()
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     t0, n0 = clock.times[args.warmup_steps - 1], clock.tokens[args.warmup_steps - 1]
@@ -230,7 +233,7 @@ def run_arm(arm: str, args, examples: list[dict], device) -> dict:
             "final_loss": sum(losses[-tail:]) / tail, "losses": losses, "micro_batch": micro_batch,
             "grad_accum": effective // micro_batch, "gradient_checkpointing": config.gradient_checkpointing,
             "padding_free": bool(config.padding_free), "attention": attention, "torch_compile": config.torch_compile,
-            "weights": weights, "precision": "bf16" if bf16 else "fp32"}
+            "weights": weights, "precision": "bf16" if bf16 else "fp32", "lean_lm_head": lean_lm_head}
 
 
 def median_run(runs: list[dict]) -> dict:
