@@ -1,5 +1,6 @@
 """A sweep stopped by Ctrl-C or SIGTERM says so, keeps what finished and prints the command that resumes it, which
-runs only the rest. (A second driver on a held experiment is refused: test_lock.py.)"""
+keeps the finished trials and can itself be stopped. (A resumed sweep that runs to the end, each step once:
+test_s3_storage.py; a second driver on a held experiment is refused: test_lock.py.)"""
 
 import os
 import re
@@ -51,7 +52,8 @@ def test_interrupted_sweep_reports_and_resumes(tmp_path):
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
     output = log.read_text()
-    done = finished_rows(trials_file)
+    finished = pd.read_parquet(trials_file)
+    done = len(finished)
     assert re.search(rf"interrupted: {done} of 5 finished", output), output[-3000:]
     assert "finished: " not in output and 1 <= done < 5
     resume = re.search(r"resume: (.*)", output).group(1)
@@ -68,16 +70,11 @@ def test_interrupted_sweep_reports_and_resumes(tmp_path):
     finally:
         if again.poll() is None:
             os.killpg(again.pid, signal.SIGKILL)
-    assert re.search(r"interrupted: \d of 5 finished", log.read_text())
+    output = log.read_text()
+    assert f"resuming {tmp_path}/exp: {done} finished trials are kept and not run again" in output, output[-3000:]
+    assert re.search(r"interrupted: \d of 5 finished", output)
     kept = pd.read_parquet(trials_file).set_index("trial_id")
     assert set(kept["status"]) == {"completed"}  # trials stopped by the interrupt are not recorded as failed
-
-    final = subprocess.run([sys.executable, *shlex.split(resume)[1:]], capture_output=True, text=True, env=ENV,
-                           timeout=600)
-    assert final.returncode == 0, final.stderr[-3000:]
-    trials = pd.read_parquet(trials_file).set_index("trial_id")
-    assert len(trials) == 5 and trials.index.is_unique and set(trials["status"]) == {"completed"}
-    for trial_id, row in kept.iterrows():
-        assert trials.loc[trial_id, "finished_at"] == row["finished_at"]  # finished trials were not run again
-    history = pd.read_parquet(tmp_path / "exp" / "history.parquet")
-    assert not history.duplicated(["trial_id", "step"]).any() and set(history["trial_id"]) == set(trials.index)
+    assert set(finished["trial_id"]) <= set(kept.index)
+    for row in finished.itertuples():
+        assert kept.loc[row.trial_id, "finished_at"] == row.finished_at  # finished trials were not run again

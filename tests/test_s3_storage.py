@@ -97,7 +97,8 @@ def test_sweep_killed_resumed_and_analysed_on_s3_never_leaks_credentials(s3, tmp
     assert len(after) == 2 and after.index.is_unique and set(after["status"]) == {"completed"}
     for trial_id, row in before.iterrows():  # finished trials were kept, not run again
         assert after.loc[trial_id, "finished_at"] == row["finished_at"]
-    assert read_trials(s3, f"{ROOT}/seeds/history.parquet")["trial_id"].nunique() == 2
+    history = read_trials(s3, f"{ROOT}/seeds/history.parquet")
+    assert history["trial_id"].nunique() == 2 and not history.duplicated(["trial_id", "step"]).any()
 
     # every trial's adapter is a checkpoint in the bucket, and exports from there to a model PEFT loads
     assert all(str(uri).startswith(f"{ROOT}/seeds/") for uri in after["adapter_uri"]), after["adapter_uri"]

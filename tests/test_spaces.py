@@ -142,3 +142,6 @@ def test_two_spellings_of_one_trial_are_planned_once(tmp_path):
     plan = make_plan(load_sweep(str(path)), "full", {})
     assert [t.config.lora_rank for t in plan.trials] == [8, 4] and plan.total == 2
     assert all(t.config.hub_layers == hubs for t in plan.trials)
+    assert [t.sweeps for t in plan.trials] == [["spellings"], ["spellings"]]  # a sweep is named once per trial
+    overridden = make_plan(load_sweep("optimizers"), "tiny", {"optimizer": "adamw"})  # --set collapses its grid
+    assert plan.total == 2 and overridden.total == 1 and overridden.trials[0].sweeps == ["optimizers"]

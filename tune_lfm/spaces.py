@@ -263,7 +263,8 @@ def plan_trials(sweep: Sweep, scale: str, overrides: dict[str, Any] | None = Non
             config = scaled_config(config_from_dict(values, where=f"{member.source}: trial {i}"), scale)
             key = config_id(config)
             if key in planned:
-                planned[key].sweeps.append(member.name)
+                if member.name not in planned[key].sweeps:  # a trial another of this sweep's trials already is
+                    planned[key].sweeps.append(member.name)
             else:
                 planned[key] = PlannedTrial(config, [member.name])
     return list(planned.values())
