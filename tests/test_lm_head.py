@@ -89,7 +89,11 @@ def test_on_the_embedded_model_it_gives_trls_loss_outputs_and_lora_gradients(tin
         torch.testing.assert_close(lean_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_scaled_or_biased_logits_keep_trls_head(tiny_lora_and_batch):
+def test_scaled_logits_or_a_half_precision_head_keep_trls_head(tiny_lora_and_batch):
+    from tune_lfm.models import load_model, resolve_model
+
+    bf16 = load_model(resolve_model("tiny-lfm2"), torch.bfloat16, torch.device("cpu"))
+    assert not lean_head_applies(bf16, torch.device("cpu"))
     model, _ = tiny_lora_and_batch
     causal_lm = model.get_base_model()
     assert lean_head_applies(causal_lm, torch.device("cpu"))

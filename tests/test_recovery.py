@@ -99,3 +99,4 @@ def test_longest_trials_start_first_and_rows_say_how_trials_ran(sweep):
     ran = trials[trials["status"] != "failed"]
     assert ran["packing_used"].all() and (ran["micro_batch_used"] == 4).all()
     assert not ran["gradient_checkpointing_used"].any() and (ran["gpus_per_trial"] == 0).all()
+    assert (ran["lm_head_used"] == "lean").all()  # the CPU path, recorded in trials.parquet

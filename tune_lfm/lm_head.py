@@ -11,7 +11,7 @@ included. With LFM2's 65,536-token vocabulary that was half of a tiny trial's tr
 the same loss, `log_probs`, `entropy`, `is_top1` and `label_mask`) and replaces only the arithmetic: labelled
 positions only, in blocks of tokens whose logits stay in cache, in place, with each block's logits recomputed in the
 backward pass as TRL does. `entropy` and `is_top1` are metrics here and carry no gradient. Models whose logits are
-scaled, soft-capped or biased, MoE models, and pre-shifted labels keep TRL's head.
+scaled, soft-capped or biased, half-precision heads, MoE models, and pre-shifted labels keep TRL's head.
 """
 
 from __future__ import annotations
@@ -79,7 +79,8 @@ class LeanLogProbs(torch.autograd.Function):
 
 
 def lean_head_applies(model, device: torch.device) -> bool:
-    """Whether `model` on `device` can use the lean head: no Triton there, and plain logits (`hidden @ W.T`)."""
+    """Whether `model` on `device` can use the lean head: no Triton there, plain logits (`hidden @ W.T`), and an fp32
+    head (TRL accumulates half-precision logits in fp32; this head does not)."""
     from trl.kernels.chunked_logprob import _use_triton
 
     if _use_triton(device):
@@ -88,7 +89,7 @@ def lean_head_applies(model, device: torch.device) -> bool:
     scaled = any(getattr(text_config, name, None) not in (None, 1.0) for name in SCALED_LOGITS)
     head = model.get_output_embeddings()
     return not scaled and head is not None and getattr(head, "bias", None) is None \
-        and not getattr(text_config, "output_router_logits", False)
+        and head.weight.dtype == torch.float32 and not getattr(text_config, "output_router_logits", False)
 
 
 def use_lean_lm_head(model, device: torch.device) -> bool:

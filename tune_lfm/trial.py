@@ -333,7 +333,7 @@ def run_trial(config: TrialConfig, reporter: Reporter | None = None, save_adapte
                              train_dataset=Dataset.from_list(data.train), processing_class=tokenizer,
                              optimizers=(optimizer, None), callbacks=callbacks)
         trainer.remove_callback(PrinterCallback)  # it prints log dicts to stdout, where our JSON goes
-        use_lean_lm_head(model.get_base_model(), device)
+        lm_head = "lean" if use_lean_lm_head(model.get_base_model(), device) else "trl"
         trainer.train(resume_from_checkpoint=resume.start if resume else None)
     prepare_for_eval(optimizer)
     model.eval()
@@ -370,6 +370,7 @@ def run_trial(config: TrialConfig, reporter: Reporter | None = None, save_adapte
         "rows_skipped": data.rows_skipped, "rows_dropped": data.rows_dropped, "train_rows": len(data.train),
         "data_source_used": data.source, "model_kind": ref.kind, "device": str(device), "packing_used": packing,
         "micro_batch_used": plan.micro_batch, "gradient_checkpointing_used": plan.gradient_checkpointing,
+        "lm_head_used": lm_head,
         "precision_used": "bf16" if bf16 else "fp32", "history": recorder.history,
     }
     if save_adapter:
