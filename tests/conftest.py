@@ -18,8 +18,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # two workers on two cores: more 
 os.environ["TUNE_LFM_CACHE"] = tempfile.mkdtemp(prefix="tune_lfm_test_cache_")
 
 
-SLOW_FIRST = ("test_quickstart", "test_interrupts", "test_cluster", "test_s3_storage", "test_hub_rehearsal",
-              "test_recovery", "test_artifacts", "test_benchmarks")
+SLOW_FIRST = ("test_quickstart", "test_cluster", "test_hub_rehearsal", "test_s3_storage", "test_recovery",
+              "test_interrupts", "test_artifacts", "test_benchmarks")
 """Files that start Ray or train many trials, longest first (measured with `pytest --durations=0`)."""
 
 
