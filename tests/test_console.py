@@ -1,8 +1,10 @@
 """What a sweep prints: trials named by what varies, sorted by held-out loss, with their standard errors."""
 
+import logging
 import math
+import time
 
-from tune_lfm.console import LiveTable, results_table, trial_line, varied_settings
+from tune_lfm.console import LiveTable, results_table, show_first_slow_warning_only, trial_line, varied_settings
 from tune_lfm.config import TrialConfig
 
 
@@ -98,3 +100,29 @@ def test_live_table_draws_nothing_into_a_file_or_pipe(tmp_path):
         table.start("a1", TrialConfig(dataset="gsm8k").to_dict())
         assert LiveTable.active is None
     assert (tmp_path / "log").read_text() == ""
+
+
+def test_the_quiet_console_shows_tunes_first_slow_operation_warning_only(monkeypatch):
+    """Tune's own `warn_if_slow`, as its controller uses it around callbacks: four lines per slow result on a busy
+    machine; after the filter, the first slow warning and any other warning of that logger pass."""
+    from ray.tune.utils import util as tune_util
+
+    tune_logger = logging.getLogger("ray.tune.utils.util")
+    monkeypatch.setattr(tune_util, "START_OF_TIME", time.time() - 120)  # Tune stays silent in its first minute
+    monkeypatch.setattr(tune_logger, "filters", [])
+    show_first_slow_warning_only()
+    show_first_slow_warning_only()  # a second sweep in the same process adds no second filter
+    shown = []
+    handler = logging.Handler()
+    handler.emit = lambda record: shown.append(record.getMessage())
+    tune_logger.addHandler(handler)  # Ray's loggers do not propagate to the root logger
+    try:
+        for name in ("callbacks.on_trial_result", "process_trial_result", "callbacks.on_trial_result"):
+            with tune_util.warn_if_slow(name, threshold=1e-9):
+                time.sleep(0.001)
+        tune_logger.warning("Install psutil to monitor system performance.")
+    finally:
+        tune_logger.removeHandler(handler)
+    assert len(shown) == 2, shown
+    assert "callbacks.on_trial_result" in shown[0] and "performance bottleneck" in shown[0]
+    assert shown[1].startswith("Install psutil")

@@ -7,6 +7,7 @@ datasets reads as ten dataset names, not ten copies of every setting.
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 import time
@@ -94,6 +95,28 @@ class LiveTable:
             self.stream.flush()
             self.drawn_lines = len(lines)
         self.drawn_at = time.monotonic()
+
+
+class _FirstSlowWarningOnly(logging.Filter):
+    """Passes Tune's first slow-operation warning and drops the later ones; other records pass."""
+
+    def __init__(self):
+        super().__init__()
+        self.shown = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "performance bottleneck" not in record.getMessage():
+            return True
+        first, self.shown = not self.shown, True
+        return first
+
+
+def show_first_slow_warning_only() -> None:
+    """Once the machine is busy, Tune warns at every result that its callbacks took over half a second, four lines
+    each time, with nothing new to act on; the quiet console keeps the first (`--verbose` shows them all)."""
+    tune_util = logging.getLogger("ray.tune.utils.util")
+    if not any(isinstance(existing, _FirstSlowWarningOnly) for existing in tune_util.filters):
+        tune_util.addFilter(_FirstSlowWarningOnly())
 
 
 def varied_settings(rows: list[dict[str, Any]]) -> list[str]:
