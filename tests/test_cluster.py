@@ -324,58 +324,6 @@ def sweep_file(tmp_path: Path, seeds: list[int]) -> Path:
     return path
 
 
-def planned_ids(space: Path) -> set[str]:
-    """Trial ids exactly as the CLI plans them (hub layers resolved), without Ray."""
-    return {t.trial_id for t in with_hub_layers(plan_trials(load_sweep(str(space)), "tiny"))}
-
-
-@pytest.fixture(scope="module")
-def spread_sweep(cluster, tmp_path_factory):
-    """Two one-GPU trials submitted with --address: each worker has one logical GPU, so they must spread."""
-    tmp = tmp_path_factory.mktemp("spread")
-    space = sweep_file(tmp, [1, 2])
-    out = run_search(space, "--scale", "tiny", "--address", cluster["state"]["address"], "--storage",
-                     f"file://{tmp}/shared", "--name", "spread", "--gpus-per-trial", "1")
-    return {"out": out, "dir": tmp / "shared" / "spread", "plan": planned_ids(space)}
-
-
-@pytest.mark.slow
-def test_trials_spread_over_worker_nodes_and_land_in_shared_storage(cluster, spread_sweep):
-    out = spread_sweep["out"]
-    assert out.returncode == 0, out.stderr[-3000:]
-    trials = pd.read_parquet(spread_sweep["dir"] / "trials.parquet")
-    assert set(trials["trial_id"]) == spread_sweep["plan"] and trials["trial_id"].is_unique
-    assert set(trials["status"]) == {"completed"}
-    workers = {n["node_id"] for n in cluster["state"]["nodes"] if n["name"].startswith("worker")}
-    assert set(trials["node_id"]) == workers  # one trial on each worker, none on the GPU-less head
-    history = pd.read_parquet(spread_sweep["dir"] / "history.parquet")
-    assert set(history["trial_id"]) == spread_sweep["plan"]
-
-
-@pytest.mark.slow
-def test_credentials_in_the_environment_reach_no_result_or_output(spread_sweep):
-    out = spread_sweep["out"]
-    assert out.returncode == 0, out.stderr[-3000:]
-    for text in (out.stdout, out.stderr):
-        assert DUMMY_KEY_ID not in text and DUMMY_SECRET not in text
-    for name in ("trials.parquet", "history.parquet"):
-        frame = pd.read_parquet(spread_sweep["dir"] / name)
-        assert not frame.astype(str).apply(lambda col: col.str.contains("TUNELFMDUMMY|tuneLfmDummy")).any().any()
-    written = [p for p in spread_sweep["dir"].rglob("*") if p.is_file()]  # Ray's state, params, results too
-    assert len(written) > 5
-    assert not files_containing(written, DUMMY_KEY_ID, DUMMY_SECRET)
-
-
-@pytest.mark.slow
-def test_credentials_in_the_driver_environment_reach_no_ray_log(cluster, spread_sweep):
-    """Ray Tune copies AWS_* variables from the driver into each trial's runtime_env, and Ray's runtime-env agent
-    logs runtime_envs in plain text on every node; the driver must keep them out (trials use their node's own)."""
-    assert spread_sweep["out"].returncode == 0
-    logs = [p for p in Path(cluster["state"]["temp_dir"]).rglob("logs/*") if p.is_file()]
-    assert len(logs) > 10
-    assert not files_containing(logs, DUMMY_KEY_ID, DUMMY_SECRET)
-
-
 def files_containing(paths: list[Path], *needles: str) -> list[str]:
     return [str(p) for p in paths if any(n.encode() in p.read_bytes() for n in needles)]
 
@@ -433,7 +381,7 @@ def test_the_printed_ray_job_submit_hint_runs_a_sweep_on_the_cluster(cluster):
     [submit] = [hint for hint in cluster["hints"] if "ray job submit" in hint]
     command, env = hint_command(submit)
     # the sweep's own entrypoint ends the line; one optimizer makes its four trials one (4 tiny steps): what is
-    # tested here is the job's way onto the cluster, which spreading trials over it is tested without
+    # tested here is the job's way onto the cluster; spreading trials over it is the lost-node drill's
     command += ["--set", "max_steps=20", "--set", "optimizer=adamw"]
     out = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
@@ -488,20 +436,21 @@ def trial_pids(local_cluster, node_pid: int) -> set[int]:
     return pids
 
 
-@pytest.mark.slow
-def test_lost_worker_node_its_trial_goes_on_elsewhere_from_its_checkpoint_and_the_sweep_completes(cluster, tmp_path):
-    """SIGKILL worker-2 (raylet and all) once its trial has a resume checkpoint on the shared storage: the trial is
-    retried on worker-1 and continues from that checkpoint, each step recorded once, with the numbers of a run that
-    was never interrupted."""
+@pytest.fixture(scope="module")
+def lost_node(cluster, tmp_path_factory):
+    """Two one-GPU trials submitted with --address onto shared storage: each worker has one logical GPU, so they
+    run one on each worker. Once worker-2's trial has a resume checkpoint on the shared storage, worker-2 is
+    SIGKILLed (raylet and all); the sweep must complete without it."""
+    tmp = tmp_path_factory.mktemp("lost-node")
     local_cluster = local_cluster_module()
     victim = next(n for n in cluster["state"]["nodes"] if n["name"] == "worker-2")
-    space = tmp_path / "resumable.yaml"
+    space = tmp / "resumable.yaml"
     space.write_text(RESUMABLE)
-    experiment = tmp_path / "shared" / "lost-node"
-    log = tmp_path / "driver.log"
+    experiment = tmp / "shared" / "lost-node"
+    log = tmp / "driver.log"
     with open(log, "w") as sink:
         driver = subprocess.Popen([sys.executable, "-m", "tune_lfm.search", str(space), "--scale", "full", "--address",
-                                   cluster["state"]["address"], "--storage", f"file://{tmp_path}/shared", "--name",
+                                   cluster["state"]["address"], "--storage", f"file://{tmp}/shared", "--name",
                                    "lost-node", "--gpus-per-trial", "1"], env=ENV, cwd=ROOT, stdout=sink,
                                   stderr=subprocess.STDOUT)
     try:
@@ -516,15 +465,53 @@ def test_lost_worker_node_its_trial_goes_on_elsewhere_from_its_checkpoint_and_th
         driver.kill()
     assert driver.returncode == 0, log.read_text()[-3000:]
     assert not local_cluster.node_processes(victim["pid"])
+    return {"output": log.read_text(), "dir": experiment, "victim": victim,
+            "plan": {t.trial_id for t in with_hub_layers(plan_trials(load_sweep(str(space)), "full"))},
+            "trials": pd.read_parquet(experiment / "trials.parquet"),
+            "history": pd.read_parquet(experiment / "history.parquet")}
 
-    trials = pd.read_parquet(experiment / "trials.parquet")
-    assert trials["trial_id"].is_unique and set(trials["trial_id"]) == {
-        t.trial_id for t in with_hub_layers(plan_trials(load_sweep(str(space)), "full"))}  # nothing lost or doubled
-    assert set(trials["status"]) == {"completed"} and victim["node_id"] not in set(trials["node_id"])
+
+@pytest.mark.slow
+def test_trials_spread_over_worker_nodes_and_land_in_shared_storage(cluster, lost_node):
+    """One trial ran on each worker (worker-2's was seen there before the node was lost), none on the GPU-less head,
+    and every trial's row and steps are on the shared storage."""
+    trials = lost_node["trials"]
+    assert trials["trial_id"].is_unique and set(trials["trial_id"]) == lost_node["plan"]  # nothing lost or doubled
+    assert set(trials["status"]) == {"completed"}
+    [stayed] = [row for _, row in trials.iterrows() if row["attempts"] == 1]
+    [worker_1] = [n["node_id"] for n in cluster["state"]["nodes"] if n["name"] == "worker-1"]
+    assert stayed["node_id"] == worker_1
+    assert set(lost_node["history"]["trial_id"]) == lost_node["plan"]
+
+
+@pytest.mark.slow
+def test_credentials_in_the_environment_reach_no_result_or_output(lost_node):
+    assert DUMMY_KEY_ID not in lost_node["output"] and DUMMY_SECRET not in lost_node["output"]
+    for frame in (lost_node["trials"], lost_node["history"]):
+        assert not frame.astype(str).apply(lambda col: col.str.contains("TUNELFMDUMMY|tuneLfmDummy")).any().any()
+    written = [p for p in lost_node["dir"].rglob("*") if p.is_file()]  # Ray's state, params, results, checkpoints
+    assert len(written) > 5
+    assert not files_containing(written, DUMMY_KEY_ID, DUMMY_SECRET)
+
+
+@pytest.mark.slow
+def test_credentials_in_the_driver_environment_reach_no_ray_log(cluster, lost_node):
+    """Ray Tune copies AWS_* variables from the driver into each trial's runtime_env, and Ray's runtime-env agent
+    logs runtime_envs in plain text on every node; the driver must keep them out (trials use their node's own)."""
+    logs = [p for p in Path(cluster["state"]["temp_dir"]).rglob("logs/*") if p.is_file()]
+    assert len(logs) > 10
+    assert not files_containing(logs, DUMMY_KEY_ID, DUMMY_SECRET)
+
+
+@pytest.mark.slow
+def test_lost_worker_node_its_trial_goes_on_elsewhere_from_its_checkpoint_and_the_sweep_completes(lost_node):
+    """The trial on the lost node is retried on worker-1 and continues from its checkpoint on the shared storage,
+    each step recorded once, with the numbers of a run that was never interrupted."""
+    trials, history = lost_node["trials"], lost_node["history"]
+    assert lost_node["victim"]["node_id"] not in set(trials["node_id"])
     assert sorted(trials["attempts"]) == [1, 2]  # the trial on the lost node failed once, then ran elsewhere
     [moved] = [row for _, row in trials.iterrows() if row["attempts"] == 2]
     assert moved["resumed_from_step"] in (4, 8, 12)  # from its checkpoint on the shared storage, not from step 0
-    history = pd.read_parquet(experiment / "history.parquet")
     assert not history.duplicated(["trial_id", "step"]).any()
     resumed = history[history["trial_id"] == moved["trial_id"]].sort_values("step")
     assert list(resumed["step"]) == list(range(1, 17))

@@ -109,9 +109,14 @@ def _summary(prefix: str, sums: torch.Tensor, counts: torch.Tensor) -> dict[str,
 def _conversation_sums(model, examples: list[dict], batch_size: int, pad_token_id: int, device,
                        with_kl: bool) -> dict[str, torch.Tensor]:
     """Per conversation: scored tokens `n`, summed loss with the adapter on (`tuned`) and off (`base`), and with
-    `with_kl` the summed KL(P_base || P_tuned), plus every token's KL (`kl_tokens`)."""
+    `with_kl` the summed KL(P_base || P_tuned), plus every token's KL (`kl_tokens`).
+
+    Conversations are batched shortest first, and so listed: a batch is as long as its longest row, and sorted the
+    probe set pads to 9,280 tokens instead of 13,000 (8,675 real). Every measure built on these sums is a total over
+    conversations, so their order does not matter."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     parts: dict[str, list[torch.Tensor]] = {"n": [], "tuned": [], "base": [], "kl": [], "kl_tokens": []}
-    for batch in batches(examples, batch_size, pad_token_id):
+    for batch in batches([examples[i] for i in order], batch_size, pad_token_id):
         rows, num_rows = _scored_rows(batch), batch["input_ids"].shape[0]
         with adapter_disabled(model):
             base_hidden, targets = scored_hidden(model, batch, device)
