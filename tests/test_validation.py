@@ -68,7 +68,17 @@ def test_bad_settings_are_refused_naming_the_flag(storage, capsys, setting, mess
     assert re.search(message, err), err
 
 
-def test_resume_of_a_missing_experiment_is_refused(storage, capsys):
+def test_the_schedulers_allowed_are_exactly_transformers_scheduler_types():
+    """The driver reads them from transformers' source instead of importing it (see `scheduler_names`)."""
+    from transformers import SchedulerType
+
+    from tune_lfm.validate import scheduler_names
+
+    assert scheduler_names() == tuple(kind.value for kind in SchedulerType)
+
+
+def test_resume_of_a_missing_experiment_is_refused(storage, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("TUNE_LFM_CACHE", str(tmp_path / "empty-cache"))  # no atlas: refused before it is computed
     err = refused(capsys, search.main, "datasets", "--storage", storage, "--name", "does-not-exist", "--resume")
     assert "no experiment" in err and "does-not-exist" in err and "leave out --resume" in err
 

@@ -87,11 +87,13 @@ def run_search(args: argparse.Namespace) -> int:
     address = args.address or os.environ.get("RAY_ADDRESS")
     resources = runner.connect_ray(address, args.verbose) if address else None
     cluster_gpus = resources.get("GPU", 0) if resources else runner.local_gpu_count()
-    plan = make_plan(sweep, resolve_scale(args.scale, cluster_gpus), overrides)  # all a trial can know before compute
+    scale = resolve_scale(args.scale, cluster_gpus)
+    if not args.dry_run:  # a wrong --name/--resume is refused before the plan loads any weights
+        name, experiment_dir = choose_experiment(args, sweep, scale)
+    plan = make_plan(sweep, scale, overrides)  # all a trial can know before compute
     if args.dry_run:
         print(plan.describe(args.json))
         return 0
-    name, experiment_dir = choose_experiment(args, sweep, plan.scale)
     resources = resources or runner.connect_ray(None, args.verbose)
     what = ("embedded tiny-lfm2 model and embedded data, shrunk for CPU" if plan.scale == "tiny"
             else "real model and data")
