@@ -1,5 +1,6 @@
 """Every number a trial ranks by, checked against an independent computation: whole-model logits, per conversation."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -8,9 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from tune_lfm import metrics
+from tune_lfm.atlas import ensure_atlas
 from tune_lfm.config import TrialConfig
+from tune_lfm.layers import decoder_layers
 from tune_lfm.models import load_model, load_tokenizer, resolve_model
-from tune_lfm.trial import attach_lora, prepare_data
+from tune_lfm.trial import attach_lora, prepare_data, probe_and_hub_measures
 
 CONFIG = TrialConfig(model="tiny-lfm2", dataset="dolly", max_length=192, num_examples=16, eval_examples=12,
                      lora_targets="all_linear")
@@ -92,6 +95,26 @@ def test_probe_kl_and_losses_match_a_plain_forward(tuned):
     assert got["kl_p95"] == pytest.approx(float(np.quantile(kl_tokens, 0.95)), rel=1e-3)
     assert got["probe_loss"] == pytest.approx(_ratio(tuned_nll, counts)[0], abs=1e-4)
     assert got["probe_improvement"] == pytest.approx(got["probe_base_loss"] - got["probe_loss"], abs=1e-9)
+
+
+def test_probe_measures_taken_from_the_hub_checks_pass_equal_their_own(tuned, monkeypatch):
+    """When no probe conversation is cut at max_length and kl_batch_size is the atlas's, a trial takes KL and the
+    probe losses from the hub check's pass with the adapter on: one forward per batch fewer, the same numbers."""
+    model, pad, _ = tuned
+    config = dataclasses.replace(CONFIG, max_length=512)  # 192 cuts probe conversations: measured on their own
+    tokenizer = load_tokenizer(resolve_model(config.model))
+    probe = prepare_data(config, tokenizer).probe
+    alone = metrics.probe_measures(model, probe, config.kl_batch_size, pad, "cpu")
+    ensure_atlas(config.model, model=model, tokenizer=tokenizer, log=lambda line: None)  # cached, not counted below
+    passes = []
+    counted = metrics.scored_hidden
+    monkeypatch.setattr(metrics, "scored_hidden", lambda *args: passes.append(1) or counted(*args))
+    shared, hub = probe_and_hub_measures(model, tokenizer, probe, config, "cpu", log=lambda line: None)
+    assert shared == alone
+    batches = math.ceil(len(probe) / config.kl_batch_size)
+    layers = len(decoder_layers(model))
+    assert len(passes) == batches * (1 + layers + 1)  # per batch: as is, one per skipped layer, adapter off
+    assert hub["hub_rank_corr"] > 0.5  # the hub check itself ran on those passes
 
 
 def test_an_untrained_adapter_measures_as_the_base_model(tuned):

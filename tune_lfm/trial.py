@@ -135,13 +135,27 @@ def attach_lora(model, config: TrialConfig) -> tuple[Any, ResolvedTargets]:
     return get_peft_model(model, lora), resolved
 
 
-def hub_preservation(model, tokenizer, config: TrialConfig, log: Callable[[str], None]) -> dict[str, Any]:
-    """Hub scores with the adapter enabled against the model's atlas, which the driver computed before the sweep (a
-    missing one is computed here once from this model with its adapter disabled, and cached for the next trials)."""
-    from .atlas import ensure_atlas, preservation
+def probe_and_hub_measures(model, tokenizer, probe: list[dict], config: TrialConfig, device,
+                           log: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """KL and losses on the probe set (`metrics.probe_measures`), and the hub scores with the adapter enabled against
+    the model's atlas, which the driver computed before the sweep (a missing one is computed here once from this
+    model with its adapter disabled, and cached for the next trials).
+
+    When the trial's probe tokens and batch size are the atlas's (no probe conversation is cut at max_length and
+    kl_batch_size is the atlas's), the hub check's pass with nothing skipped is the probe measures' pass with the
+    adapter on: it is run once, for the same numbers."""
+    from . import metrics
+    from .atlas import compare, ensure_atlas, tuned_scores
+    from .atlas.scores import tokens_digest
 
     atlas = ensure_atlas(config.model, model=model, tokenizer=tokenizer, log=log)
-    return preservation(model, atlas, tokenizer, log=log)
+    if tokens_digest(probe) != atlas.probe_tokens or config.kl_batch_size != atlas.batch_size:
+        probe_result = metrics.probe_measures(model, probe, config.kl_batch_size, tokenizer.pad_token_id, device)
+        return probe_result, compare(atlas, tuned_scores(model, atlas, tokenizer, log))
+    sums = metrics.ConversationSums(with_kl=True)
+    tuned = tuned_scores(model, atlas, tokenizer, log,
+                         on_full_pass=lambda batch, hidden, _: sums.add(model, batch, device, tuned_hidden=hidden))
+    return metrics.probe_summary(sums.totals()), compare(atlas, tuned)
 
 
 def _step_recorder(reporter: Reporter | None, earlier: list[dict[str, Any]]):
@@ -344,8 +358,7 @@ def run_trial(config: TrialConfig, reporter: Reporter | None = None, save_adapte
 
     pad = tokenizer.pad_token_id
     heldout = metrics.heldout_measures(model, data.eval, config.kl_batch_size, pad, device)
-    probe = metrics.probe_measures(model, data.probe, config.kl_batch_size, pad, device)
-    hub = hub_preservation(model, tokenizer, config, log)
+    probe, hub = probe_and_hub_measures(model, tokenizer, data.probe, config, device, log)
     eval_s = time.perf_counter() - eval_start
     adapter_error = None
     if save_adapter:

@@ -13,7 +13,7 @@ import math
 from typing import Callable
 
 from .ranking import combine, jaccard, select_hubs, spearman
-from .scores import METHODS, measure, probe_examples, tokens_digest
+from .scores import METHODS, FullPassHook, measure, probe_examples, tokens_digest
 from .store import Atlas, model_device, model_dtype
 
 MIN_RANK_CORR = 0.9
@@ -24,9 +24,10 @@ PRESERVATION_KEYS = ("hub_rank_corr", "hub_topk_jaccard", "hub_preserved",
 """The keys `compare` returns, i.e. the columns preservation adds to a trial's result."""
 
 
-def tuned_scores(model, atlas: Atlas, tokenizer, log: Callable[[str], None] | None = None) -> dict[str, list[float]]:
+def tuned_scores(model, atlas: Atlas, tokenizer, log: Callable[[str], None] | None = None,
+                 on_full_pass: FullPassHook | None = None) -> dict[str, list[float]]:
     """Per-method scores of `model` as it is (adapter enabled), measured exactly as the atlas measured the base
-    (the same cost as computing the atlas; progress lines go to `log`)."""
+    (the same cost as computing the atlas; progress lines go to `log`; `on_full_pass` as in `measure`)."""
     device = model_device(model)
     if (model_dtype(model), device.type) != (atlas.dtype, atlas.device):
         raise ValueError(f"the atlas of {atlas.model} was computed in {atlas.dtype} on {atlas.device}, the model runs "
@@ -37,7 +38,8 @@ def tuned_scores(model, atlas: Atlas, tokenizer, log: Callable[[str], None] | No
         raise ValueError(f"the probe tokenizes differently from when the atlas of {atlas.model} was computed "
                          "(tokenizer or probe changed); recompute the atlas")
     progress = (lambda line: log(f"[tune_lfm] hub check of {atlas.model} with the adapter: {line}")) if log else None
-    return measure(model, examples, atlas.batch_size, tokenizer.pad_token_id, device, progress).scores()
+    return measure(model, examples, atlas.batch_size, tokenizer.pad_token_id, device, progress,
+                   on_full_pass).scores()
 
 
 def compare(atlas: Atlas, tuned: dict[str, list[float]], min_rank_corr: float = MIN_RANK_CORR,

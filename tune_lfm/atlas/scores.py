@@ -130,10 +130,10 @@ def _hooked(pairs):
             handle.remove()
 
 
-def _row_nll(model, batch: dict, device, rows: torch.Tensor) -> torch.Tensor:
-    """Per-row sum of next-token NLL at scored positions (the LM head runs on those positions only)."""
-    hidden, targets = metrics.scored_hidden(model, batch, device)
-    total = torch.zeros(len(batch["input_ids"]), dtype=torch.float64)
+def _row_nll(model, hidden: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Per-row sum of next-token NLL at scored positions, from `metrics.scored_hidden`'s hidden states and targets
+    (the LM head runs on those positions only)."""
+    total = torch.zeros(num_rows, dtype=torch.float64)
     for start in range(0, len(targets), metrics.SCORED_CHUNK):
         log_probs = metrics.next_token_log_probs(model, hidden[start : start + metrics.SCORED_CHUNK])
         nll = -log_probs.gather(-1, targets[start : start + metrics.SCORED_CHUNK, None]).squeeze(-1)
@@ -147,15 +147,21 @@ def _padded_work(examples: list[dict], order: list[int], batch_size: int) -> lis
     return [len(lengths[s:s + batch_size]) * max(lengths[s:s + batch_size]) for s in range(0, len(lengths), batch_size)]
 
 
+FullPassHook = Callable[[dict, torch.Tensor, torch.Tensor], None]
+"""Called with (batch, hidden, targets) of each batch's pass with nothing skipped (`metrics.scored_hidden`'s)."""
+
+
 @torch.no_grad()
 def measure(model, examples: list[dict], batch_size: int, pad_token_id: int, device,
-            progress: Callable[[str], None] | None = None) -> ProbeSums:
+            progress: Callable[[str], None] | None = None, on_full_pass: FullPassHook | None = None) -> ProbeSums:
     """Run the probe once as is (recording every layer's input/output cosine and output) and once per skipped layer.
 
     A pass that skips layer l replays the recorded outputs of layers 0..l-1 and computes only the layers after l,
     which halves the work of the ablation passes and gives the same numbers. Conversations are batched shortest
     first, which cuts padding by about a quarter; sums stay in probe order. `progress` receives a line before the
-    first batch (the work ahead) and after each (done, elapsed, time left extrapolated by padded tokens).
+    first batch (the work ahead) and after each (done, elapsed, time left extrapolated by padded tokens);
+    `on_full_pass` lets a caller that needs the model's own pass over the same batches (a trial's probe KL) use it
+    instead of running it again.
     """
     layers = decoder_layers(model)
     sums = ProbeSums.zeros(len(examples), len(layers))
@@ -177,11 +183,15 @@ def measure(model, examples: list[dict], batch_size: int, pad_token_id: int, dev
         hooks = [(layer, hook) for i, layer in enumerate(layers)
                  for hook in (_cosine_recorder(keep_on_device, rows, cosine[:, i]), _output_recorder(outputs, i))]
         with _hooked(hooks):
-            sums.base_nll[probe_rows] = _row_nll(model, batch, device, rows)
+            hidden, targets = metrics.scored_hidden(model, batch, device)
+        sums.base_nll[probe_rows] = _row_nll(model, hidden, targets, rows, len(keep))
+        if on_full_pass is not None:
+            on_full_pass(batch, hidden, targets)
         sums.cosine[probe_rows] = cosine
         for index in range(len(layers)):
             with _replayed(layers, outputs, index):
-                sums.skipped_nll[probe_rows, index] = _row_nll(model, batch, device, rows)
+                skipped_hidden, _ = metrics.scored_hidden(model, batch, device)
+            sums.skipped_nll[probe_rows, index] = _row_nll(model, skipped_hidden, targets, rows, len(keep))
         sums.tokens[probe_rows] = keep.sum(1).double()
         done += work[batch_index]
         if progress:
