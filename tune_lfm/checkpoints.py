@@ -161,14 +161,15 @@ def resumed_step(trial) -> int | None:
 
 def adapters_to_keep(experiment_dir: str, keep: str) -> set[str]:
     """Trial ids whose adapter `keep` retains: all, those on any default Pareto front of the analysis, or none."""
-    from .analysis.pipeline import analyse
-    from .analysis.schema import AnalysisError
     from .results import ExperimentRecord
 
     if keep == "all":
         return set(ExperimentRecord(experiment_dir).rows)
     if keep == "none":
         return set()
+    from .analysis.pipeline import analyse  # only fronts need it: it loads matplotlib
+    from .analysis.schema import AnalysisError
+
     try:
         return set(analyse([experiment_dir]).pareto["trial_id"])
     except AnalysisError:  # no completed trial: no front to keep
@@ -202,7 +203,8 @@ def _prune(experiment_dir: str, keep: str, log) -> None:
             if is_checkpoint and relative_adapter_path(entry.path) not in keep_paths:
                 fs.delete_dir(entry.path)
                 removed += 1
-    record.update_trials({trial_id: {"adapter_uri": None, "adapter_bytes": None} for trial_id, row in record.rows.items()
+    record.update_trials({trial_id: {"adapter_uri": None, "adapter_bytes": None}
+                          for trial_id, row in record.rows.items()
                           if trial_id not in kept and isinstance(row.get("adapter_uri"), str)})
     log(f"keep_adapters={keep}: kept {len(keep_paths)} adapter(s), removed {removed} checkpoint(s)")
 
