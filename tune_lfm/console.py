@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 import time
 from typing import Any, TextIO
@@ -117,6 +118,21 @@ def show_first_slow_warning_only() -> None:
     tune_util = logging.getLogger("ray.tune.utils.util")
     if not any(isinstance(existing, _FirstSlowWarningOnly) for existing in tune_util.filters):
         tune_util.addFilter(_FirstSlowWarningOnly())
+
+
+def quiet_libraries() -> None:
+    """What the driver's libraries print that the quiet console leaves out (`--verbose` keeps it all); settings the
+    user made in the environment win. Tune: a warning at every adapter checkpoint that snapshots came close
+    together, an experiment box on stdout from its newer console (the classic one prints nothing at verbosity 0),
+    its slow-operation warnings after the first. transformers: weight-loading progress bars. MLflow: its INFO lines
+    (database set-up). Warnings of transformers and MLflow still show."""
+    from transformers.utils import logging as transformers_logging
+
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported
+    show_first_slow_warning_only()
+    transformers_logging.disable_progress_bar()
 
 
 def varied_settings(rows: list[dict[str, Any]]) -> list[str]:

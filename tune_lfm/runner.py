@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from .checkpoints import ArtifactSettings, prune_adapters
-from .console import LiveTable, log, show_first_slow_warning_only, trial_line, varied_settings
+from .console import LiveTable, log, trial_line, varied_settings
 from .determinism import start_trial
 from .faults import fire, fire_after_step, injected_fault
 from .interrupts import Interrupts
@@ -462,12 +462,6 @@ def run_plan(plan: Plan, launch: Launch, interrupts: Interrupts) -> None:
                                 callbacks=[callback, *trackers],
                                 failure_config=tune.FailureConfig(max_failures=plan.sweep.max_failures),
                                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
-    if not launch.verbose:
-        # Tune warns at every adapter checkpoint that snapshots came close together, and its newer console prints an
-        # experiment box on stdout even when silent; its classic console prints nothing at verbosity 0
-        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-        show_first_slow_warning_only()
     _keep_credentials_out_of_trial_runtime_envs()
     tuner = tune.Tuner(tune.with_resources(trainable, {"cpu": cpus, "gpu": gpus}), param_space=param_space,
                        run_config=run_config,

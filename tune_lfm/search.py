@@ -15,7 +15,7 @@ from datetime import datetime
 
 from .checkpoints import KEEP_ADAPTERS, artifact_settings
 from .config import ConfigError
-from .console import log, results_table
+from .console import log, quiet_libraries, results_table
 from .interrupts import Interrupts, resume_command
 from .lock import ExperimentLock, in_use_error, live_holder
 from .models import ModelNotFoundError
@@ -75,6 +75,8 @@ def run_search(args: argparse.Namespace) -> int:
     """Check everything, then run the sweep while holding the experiment's lock; returns the exit code."""
     from . import runner
 
+    if not args.verbose:
+        quiet_libraries()
     sweep = load_sweep(args.space)
     overrides = parse_overrides(args.set)
     artifacts = artifact_settings(
