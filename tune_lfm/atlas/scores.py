@@ -165,7 +165,7 @@ def measure(model, examples: list[dict], batch_size: int, pad_token_id: int, dev
     """
     layers = decoder_layers(model)
     sums = ProbeSums.zeros(len(examples), len(layers))
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+    order = metrics.shortest_first(examples)
     work = _padded_work(examples, order, batch_size)
     if progress:
         progress(f"{len(examples)} probe conversations in {len(work)} batches ({sum(work):,} padded tokens), "
