@@ -25,6 +25,7 @@ def tuned():
     ref = resolve_model(CONFIG.model)
     tokenizer = load_tokenizer(ref)
     data = prepare_data(CONFIG, tokenizer)
+    torch.manual_seed(0)  # LoRA's A matrices come from the global generator: the same adapter whatever ran before
     model, _ = attach_lora(load_model(ref, torch.float32, "cpu"), CONFIG)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
