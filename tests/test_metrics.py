@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from tune_lfm import metrics
-from tune_lfm.atlas import ensure_atlas
+from tune_lfm.atlas import compare, ensure_atlas, store, tuned_scores
 from tune_lfm.config import TrialConfig
 from tune_lfm.layers import decoder_layers
 from tune_lfm.models import load_model, load_tokenizer, resolve_model
@@ -98,23 +98,31 @@ def test_probe_kl_and_losses_match_a_plain_forward(tuned):
     assert got["probe_improvement"] == pytest.approx(got["probe_base_loss"] - got["probe_loss"], abs=1e-9)
 
 
-def test_probe_measures_taken_from_the_hub_checks_pass_equal_their_own(tuned, monkeypatch):
+def test_probe_measures_taken_from_the_atlas_and_the_hub_checks_pass_equal_their_own(tuned, monkeypatch, tmp_path):
     """When no probe conversation is cut at max_length and kl_batch_size is the atlas's, a trial takes KL and the
-    probe losses from the hub check's pass with the adapter on: one forward per batch fewer, the same numbers."""
+    probe losses from passes that run anyway: adapter on from the hub check's pass with nothing skipped, adapter off
+    from the base hidden states the atlas keeps. Two forwards per batch fewer, the same numbers; an atlas cached
+    without those states costs the adapter-off pass again, for the same numbers too."""
     model, pad, _ = tuned
     config = dataclasses.replace(CONFIG, max_length=512)  # 192 cuts probe conversations: measured on their own
     tokenizer = load_tokenizer(resolve_model(config.model))
     probe = prepare_data(config, tokenizer).probe
     alone = metrics.probe_measures(model, probe, config.kl_batch_size, pad, "cpu")
-    ensure_atlas(config.model, model=model, tokenizer=tokenizer, log=lambda line: None)  # cached, not counted below
+    atlas = ensure_atlas(config.model, model=model, tokenizer=tokenizer, log=lambda line: None)  # not counted below
+    hub_alone = compare(atlas, tuned_scores(model, atlas, tokenizer))
+    assert atlas.base_hidden is not None and len(atlas.base_hidden) == atlas.scored_tokens
     passes = []
     counted = metrics.scored_hidden
     monkeypatch.setattr(metrics, "scored_hidden", lambda *args: passes.append(1) or counted(*args))
-    shared, hub = probe_and_hub_measures(model, tokenizer, probe, config, "cpu", log=lambda line: None)
-    assert shared == alone
     batches = math.ceil(len(probe) / config.kl_batch_size)
     layers = len(decoder_layers(model))
-    assert len(passes) == batches * (1 + layers + 1)  # per batch: as is, one per skipped layer, adapter off
+    for base_hidden_kept, extra_passes in ((True, 0), (False, 1)):
+        if not base_hidden_kept:
+            monkeypatch.setattr(store, "_base_hidden_file", lambda atlas_file: tmp_path / "never-written")
+        passes.clear()
+        shared, hub = probe_and_hub_measures(model, tokenizer, probe, config, "cpu", log=lambda line: None)
+        assert shared == alone and hub == hub_alone
+        assert len(passes) == batches * (1 + layers + extra_passes)  # per batch: as is, one per skipped layer
     assert hub["hub_rank_corr"] > 0.5  # the hub check itself ran on those passes
 
 

@@ -56,9 +56,14 @@ def scored_hidden(model, batch, device):
     decoder = getattr(lm, lm.base_model_prefix)
     hidden = decoder(input_ids=batch["input_ids"].to(device),
                      attention_mask=batch["attention_mask"].to(device)).last_hidden_state
+    keep = (batch["labels"][:, 1:] != IGNORE_INDEX).to(device)
+    return hidden[:, :-1][keep], scored_targets(batch, device)
+
+
+def scored_targets(batch, device) -> torch.Tensor:
+    """The next tokens `scored_hidden` returns, without the forward pass."""
     targets = batch["labels"][:, 1:].to(device)
-    keep = targets != IGNORE_INDEX
-    return hidden[:, :-1][keep], targets[keep]
+    return targets[targets != IGNORE_INDEX]
 
 
 def next_token_log_probs(model, hidden_chunk):
@@ -78,7 +83,7 @@ def _scored_rows(batch) -> torch.Tensor:
     return keep.nonzero()[:, 0]
 
 
-def _per_row_sum(values: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.Tensor:
+def per_row_sum(values: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.Tensor:
     return torch.zeros(num_rows, dtype=torch.float64).index_add_(0, rows, values.detach().double().cpu())
 
 
@@ -115,11 +120,15 @@ class ConversationSums:
         self.parts: dict[str, list[torch.Tensor]] = {"n": [], "tuned": [], "base": [], "kl": [], "kl_tokens": []}
 
     @torch.no_grad()
-    def add(self, model, batch: dict, device, tuned_hidden: torch.Tensor | None = None) -> None:
-        """One batch; `tuned_hidden`, `scored_hidden` of this batch with the adapter on, when the caller has it."""
+    def add(self, model, batch: dict, device, tuned_hidden: torch.Tensor | None = None,
+            base_hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """One batch; `tuned_hidden` / `base_hidden`: `scored_hidden` of this batch with the adapter on / off, when
+        the caller has them. Returns the tuned NLL at each scored position."""
         rows, num_rows = _scored_rows(batch), batch["input_ids"].shape[0]
-        with adapter_disabled(model):
-            base_hidden, targets = scored_hidden(model, batch, device)
+        targets = scored_targets(batch, device)
+        if base_hidden is None:
+            with adapter_disabled(model):
+                base_hidden, _ = scored_hidden(model, batch, device)
         if tuned_hidden is None:
             tuned_hidden, _ = scored_hidden(model, batch, device)
         base_nll, tuned_nll, kl = [], [], []
@@ -131,12 +140,13 @@ class ConversationSums:
             tuned_nll.append(-tuned.gather(-1, targets[chunk, None]).squeeze(-1))
             if self.with_kl:
                 kl.append((base.exp() * (base - tuned)).sum(-1).clamp_min(0.0))
-        self.parts["n"].append(_per_row_sum(torch.ones(len(rows)), rows, num_rows))
-        self.parts["base"].append(_per_row_sum(torch.cat(base_nll), rows, num_rows))
-        self.parts["tuned"].append(_per_row_sum(torch.cat(tuned_nll), rows, num_rows))
+        self.parts["n"].append(per_row_sum(torch.ones(len(rows)), rows, num_rows))
+        self.parts["base"].append(per_row_sum(torch.cat(base_nll), rows, num_rows))
+        self.parts["tuned"].append(per_row_sum(torch.cat(tuned_nll), rows, num_rows))
         if self.with_kl:
-            self.parts["kl"].append(_per_row_sum(torch.cat(kl), rows, num_rows))
+            self.parts["kl"].append(per_row_sum(torch.cat(kl), rows, num_rows))
             self.parts["kl_tokens"].append(torch.cat(kl).cpu())
+        return torch.cat(tuned_nll)
 
     def totals(self) -> dict[str, torch.Tensor]:
         return {key: torch.cat(values) if values else torch.zeros(0, dtype=torch.float64)

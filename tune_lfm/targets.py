@@ -127,7 +127,8 @@ def resolve_targets(model, specs: list[TargetSpec], hub_layers: list[int] | None
             indices = list(spec.layers)
         bad = [i for i in indices if not 0 <= i < len(layers)]
         if bad:
-            raise ConfigError(f"layer indices {bad} out of range: the model has {len(layers)} layers (0-{len(layers) - 1})")
+            raise ConfigError(f"layer indices {bad} out of range: the model has {len(layers)} layers "
+                              f"(0-{len(layers) - 1})")
         if spec.layer_types is not None:
             unknown = set(spec.layer_types) - set(types)
             if unknown:

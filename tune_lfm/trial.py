@@ -142,8 +142,9 @@ def probe_and_hub_measures(model, tokenizer, probe: list[dict], config: TrialCon
     model with its adapter disabled, and cached for the next trials).
 
     When the trial's probe tokens and batch size are the atlas's (no probe conversation is cut at max_length and
-    kl_batch_size is the atlas's), the hub check's pass with nothing skipped is the probe measures' pass with the
-    adapter on: it is run once, for the same numbers."""
+    kl_batch_size is the atlas's), the probe measures come from passes the atlas and the hub check run anyway, for
+    the same numbers: the adapter-on pass is the hub check's pass with nothing skipped, and the adapter-off pass is
+    the atlas's, whose hidden states it keeps (`Atlas.base_hidden`)."""
     from . import metrics
     from .atlas import compare, ensure_atlas, tuned_scores
     from .atlas.scores import tokens_digest
@@ -153,8 +154,17 @@ def probe_and_hub_measures(model, tokenizer, probe: list[dict], config: TrialCon
         probe_result = metrics.probe_measures(model, probe, config.kl_batch_size, tokenizer.pad_token_id, device)
         return probe_result, compare(atlas, tuned_scores(model, atlas, tokenizer, log))
     sums = metrics.ConversationSums(with_kl=True)
-    tuned = tuned_scores(model, atlas, tokenizer, log,
-                         on_full_pass=lambda batch, hidden, _: sums.add(model, batch, device, tuned_hidden=hidden))
+    base_hidden = atlas.base_hidden if atlas.base_hidden is not None and \
+        len(atlas.base_hidden) == atlas.scored_tokens else None
+    taken = 0
+
+    def on_full_pass(batch, hidden, targets):
+        nonlocal taken
+        base = None if base_hidden is None else base_hidden[taken : taken + len(targets)].to(hidden.device)
+        taken += len(targets)
+        return sums.add(model, batch, device, tuned_hidden=hidden, base_hidden=base)
+
+    tuned = tuned_scores(model, atlas, tokenizer, log, on_full_pass=on_full_pass)
     return metrics.probe_summary(sums.totals()), compare(atlas, tuned)
 
 

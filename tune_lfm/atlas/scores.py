@@ -133,12 +133,10 @@ def _hooked(pairs):
 def _row_nll(model, hidden: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.Tensor:
     """Per-row sum of next-token NLL at scored positions, from `metrics.scored_hidden`'s hidden states and targets
     (the LM head runs on those positions only)."""
-    total = torch.zeros(num_rows, dtype=torch.float64)
-    for start in range(0, len(targets), metrics.SCORED_CHUNK):
-        log_probs = metrics.next_token_log_probs(model, hidden[start : start + metrics.SCORED_CHUNK])
-        nll = -log_probs.gather(-1, targets[start : start + metrics.SCORED_CHUNK, None]).squeeze(-1)
-        total.index_add_(0, rows[start : start + metrics.SCORED_CHUNK], nll.double().cpu())
-    return total
+    nll = [-metrics.next_token_log_probs(model, hidden[start : start + metrics.SCORED_CHUNK])
+           .gather(-1, targets[start : start + metrics.SCORED_CHUNK, None]).squeeze(-1)
+           for start in range(0, len(targets), metrics.SCORED_CHUNK)]
+    return metrics.per_row_sum(torch.cat(nll), rows, num_rows)
 
 
 def _padded_work(examples: list[dict], order: list[int], batch_size: int) -> list[int]:
@@ -147,8 +145,10 @@ def _padded_work(examples: list[dict], order: list[int], batch_size: int) -> lis
     return [len(lengths[s:s + batch_size]) * max(lengths[s:s + batch_size]) for s in range(0, len(lengths), batch_size)]
 
 
-FullPassHook = Callable[[dict, torch.Tensor, torch.Tensor], None]
-"""Called with (batch, hidden, targets) of each batch's pass with nothing skipped (`metrics.scored_hidden`'s)."""
+FullPassHook = Callable[[dict, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
+"""Called with (batch, hidden, targets) of each batch's pass with nothing skipped (`metrics.scored_hidden`'s). A hook
+that computes that pass's next-token NLL at every scored position anyway returns it (in `targets`' order), and
+`measure` takes it instead of running the LM head a second time."""
 
 
 @torch.no_grad()
@@ -184,9 +184,9 @@ def measure(model, examples: list[dict], batch_size: int, pad_token_id: int, dev
                  for hook in (_cosine_recorder(keep_on_device, rows, cosine[:, i]), _output_recorder(outputs, i))]
         with _hooked(hooks):
             hidden, targets = metrics.scored_hidden(model, batch, device)
-        sums.base_nll[probe_rows] = _row_nll(model, hidden, targets, rows, len(keep))
-        if on_full_pass is not None:
-            on_full_pass(batch, hidden, targets)
+        nll = on_full_pass(batch, hidden, targets) if on_full_pass is not None else None
+        sums.base_nll[probe_rows] = (_row_nll(model, hidden, targets, rows, len(keep)) if nll is None
+                                     else metrics.per_row_sum(nll, rows, len(keep)))
         sums.cosine[probe_rows] = cosine
         for index in range(len(layers)):
             with _replayed(layers, outputs, index):

@@ -4,6 +4,11 @@ Cache: `$TUNE_LFM_CACHE/atlas` (default `~/.cache/tune_lfm/atlas`), one file per
 decides the numbers: atlas version, model name, weights identity (hub revision, or sha256 of local weight files),
 probe fingerprint, max_length, batch size, dtype and device type (base and tuned scores must come from the same
 arithmetic for an untrained adapter to compare as identical), k and quota.
+
+Beside the JSON, `<name>.base_hidden.safetensors` keeps the base model's final hidden states at the probe's scored
+positions, from the atlas's pass with nothing skipped (6,592 positions x 1,024: 13 MB for LFM2.5-230M in bf16). A
+trial whose probe batches are the atlas's takes the base side of its probe KL from it instead of running the base
+model again.
 """
 
 from __future__ import annotations
@@ -21,14 +26,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from ..config import ConfigError
 from ..metrics import adapter_disabled
 from ..layers import layer_types_of
 from .ranking import DEFAULT_K, check_selection, combine, default_quota, select_hubs, spearman
 from .scores import METHODS, ProbeSums, measure, probe_examples, tokens_digest
 
-ATLAS_VERSION = 1
-"""Bump when the scores' definition changes, so older cached atlases are not reused."""
+ATLAS_VERSION = 2
+"""Bump when what is cached changes, so older cached atlases are not reused (2: the base hidden states are kept)."""
 DEFAULT_MAX_LENGTH = 1024
 """Probe tokens per conversation; cuts no probe conversation (the longest: 362 tokens with tiny-lfm2's tokenizer)."""
 DEFAULT_BATCH_SIZE = 8
@@ -67,9 +74,14 @@ class Atlas:
     created: str
     compute_s: float
     version: int = ATLAS_VERSION
+    base_hidden: torch.Tensor | None = dataclasses.field(default=None, repr=False, compare=False)
+    """The base model's final hidden states at the probe's scored positions, batch after batch in `measure`'s order
+    (on the CPU, in the model's dtype); None where the cache holds none. Kept beside the JSON, not in it."""
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        record = dataclasses.asdict(dataclasses.replace(self, base_hidden=None))
+        del record["base_hidden"]
+        return record
 
     @classmethod
     def from_dict(cls, data: dict) -> Atlas:
@@ -124,11 +136,37 @@ def cache_file(key: dict, cache_dir: str | Path | None = None) -> Path:
     return Path(cache_dir or default_cache_dir()) / f"{label}-{digest}.json"
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    partial.write_text(text)
+    write(partial)
     os.replace(partial, path)
+
+
+def _base_hidden_file(atlas_file: Path) -> Path:
+    return atlas_file.with_name(f"{atlas_file.stem}.base_hidden.safetensors")
+
+
+def _save(atlas: Atlas, path: Path) -> None:
+    """The tensor first: a JSON on disk means its atlas is complete."""
+    from safetensors.torch import save_file
+
+    if atlas.base_hidden is not None:
+        _write_atomically(_base_hidden_file(path), lambda file: save_file({"base_hidden": atlas.base_hidden}, file))
+    _write_atomically(path, lambda file: file.write_text(json.dumps(atlas.to_dict(), indent=1)))
+
+
+def _load(path: Path) -> Atlas:
+    """The cached atlas, with its base hidden states where they were kept and are readable (else without)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    atlas = Atlas.from_dict(json.loads(path.read_text()))
+    try:
+        atlas.base_hidden = load_file(_base_hidden_file(path))["base_hidden"]
+    except (OSError, KeyError, SafetensorError):  # an atlas cached before they were kept, or a damaged file
+        atlas.base_hidden = None
+    return atlas
 
 
 def noise_floor(sums: ProbeSums) -> dict[str, dict[str, float]]:
@@ -160,9 +198,11 @@ def compute_atlas(model, tokenizer, model_name: str, weights: str, k: int, quota
     started = time.perf_counter()
     layer_types = layer_types_of(model.config)
     examples = probe_examples(tokenizer, max_length)
+    base_hidden = []
     with adapter_disabled(model):
         progress = (lambda line: log(f"[tune_lfm] atlas of {model_name}: {line}")) if log else None
-        sums = measure(model, examples, batch_size, tokenizer.pad_token_id, model_device(model), progress)
+        sums = measure(model, examples, batch_size, tokenizer.pad_token_id, model_device(model), progress,
+                       on_full_pass=lambda batch, hidden, targets: base_hidden.append(hidden.cpu()))
     scores = sums.scores()
     combined = combine(scores)
     return Atlas(model=model_name, weights=weights, probe_version=PROBE_VERSION, probe_fingerprint=probe_fingerprint(),
@@ -171,7 +211,7 @@ def compute_atlas(model, tokenizer, model_name: str, weights: str, k: int, quota
                  device=model_device(model).type, layer_types=layer_types, scores=scores, combined=combined, k=k,
                  quota=dict(quota), hubs=select_hubs(combined, layer_types, k, quota), noise=noise_floor(sums),
                  probe_loss=sums.loss(), created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                 compute_s=round(time.perf_counter() - started, 3))
+                 compute_s=round(time.perf_counter() - started, 3), base_hidden=torch.cat(base_hidden))
 
 
 def default_dtype_and_device(device):
@@ -217,13 +257,13 @@ def ensure_atlas(model_name: str, *, k: int = DEFAULT_K, quota: dict[str, int] |
            "quota": quota}
     path = cache_file(key, cache_dir)
     if path.is_file() and not recompute:
-        return Atlas.from_dict(json.loads(path.read_text()))
+        return _load(path)
 
     log(f"[tune_lfm] computing the hub atlas of {ref.name} ({dtype_name} on {device_type}) -> {path}")
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(ref)
     if model is None:
         model = load_model(ref, dtype, torch_device).eval()
     atlas = compute_atlas(model, tokenizer, ref.name, weights, k, quota, max_length, batch_size, log=log)
-    _write_atomically(path, json.dumps(atlas.to_dict(), indent=1))
+    _save(atlas, path)
     log(f"[tune_lfm] atlas of {ref.name}: hubs {atlas.hubs} in {atlas.compute_s:.1f} s")
     return atlas
