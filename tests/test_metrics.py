@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from tune_lfm import metrics
 from tune_lfm.atlas import compare, ensure_atlas, store, tuned_scores
+from tune_lfm.atlas.scores import tokens_digest
 from tune_lfm.config import TrialConfig
 from tune_lfm.layers import decoder_layers
 from tune_lfm.models import load_model, load_tokenizer, resolve_model
@@ -99,16 +100,18 @@ def test_probe_kl_and_losses_match_a_plain_forward(tuned):
 
 
 def test_probe_measures_taken_from_the_atlas_and_the_hub_checks_pass_equal_their_own(tuned, monkeypatch, tmp_path):
-    """When no probe conversation is cut at max_length and kl_batch_size is the atlas's, a trial takes KL and the
-    probe losses from passes that run anyway: adapter on from the hub check's pass with nothing skipped, adapter off
-    from the base hidden states the atlas keeps. Two forwards per batch fewer, the same numbers; an atlas cached
-    without those states costs the adapter-off pass again, for the same numbers too."""
-    model, pad, _ = tuned
-    config = dataclasses.replace(CONFIG, max_length=512)  # 192 cuts probe conversations: measured on their own
+    """The probe is whole conversations whatever the trial's max_length (the atlas's tokens), so with the atlas's
+    kl_batch_size a trial takes KL and the probe losses from passes that run anyway: adapter on from the hub check's
+    pass with nothing skipped, adapter off from the base hidden states the atlas keeps. Two forwards per batch fewer,
+    the same numbers; an atlas cached without those states costs the adapter-off pass again, for the same numbers."""
+    model, pad, data = tuned
+    config = CONFIG
     tokenizer = load_tokenizer(resolve_model(config.model))
-    probe = prepare_data(config, tokenizer).probe
+    probe = data.probe  # prepared at max_length 192, which would cut 11 of the 48 probe conversations
+    assert probe == prepare_data(dataclasses.replace(config, max_length=1024), tokenizer).probe
     alone = metrics.probe_measures(model, probe, config.kl_batch_size, pad, "cpu")
     atlas = ensure_atlas(config.model, model=model, tokenizer=tokenizer, log=lambda line: None)  # not counted below
+    assert tokens_digest(probe) == atlas.probe_tokens
     hub_alone = compare(atlas, tuned_scores(model, atlas, tokenizer))
     assert atlas.base_hidden is not None and len(atlas.base_hidden) == atlas.scored_tokens
     passes = []

@@ -69,7 +69,8 @@ class TrialConfig:
     grad_accum: int = 4
     """Micro-batches per optimizer step; effective batch = batch_size x grad_accum."""
     max_length: int = 1024
-    """Tokens per example; longer conversations are truncated at the end."""
+    """Tokens per training and held-out example; longer conversations are truncated at the end. The probe set is
+    measured whole whatever this is (`data.probe.PROBE_MAX_LENGTH`)."""
     seed: int = 42
 
     # LoRA

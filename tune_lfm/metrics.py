@@ -7,7 +7,8 @@
   KL(P_base || P_tuned) = sum_v p_base(v) (log p_base(v) - log p_tuned(v)), in nats, where P is the next-token
   distribution at the position that predicts that token; base = the same model with the adapter disabled.
 - `probe_loss` / `probe_base_loss` / `probe_improvement`: the same losses on the probe set, which every trial of a
-  model shares, so trials trained on different datasets can be ranked on one set of rows.
+  model shares (whole conversations, whatever the trial's max_length), so trials trained on different datasets or
+  lengths can be ranked on one set of tokens.
 - `*_se`: standard error of each mean over conversations (see `ratio_mean_se`).
 - `peak_mem_gb`: peak CUDA memory allocated by this process (GiB) on GPU; peak resident set size on CPU.
 

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 Reporter = Callable[[dict[str, Any]], None]
 """Receives one dict per logged step: step, loss, learning_rate, grad_norm, tokens_seen, tokens_per_s, elapsed_s."""
 
-PREPARED_VERSION = 1
+PREPARED_VERSION = 2
 """Bump when tokenization or row selection changes what a cached prepared subset holds."""
 
 TRAIN_LOSS_TAIL = 0.10
@@ -78,7 +78,7 @@ def prepare_data(config: TrialConfig, tokenizer) -> PreparedData:
     trials of a sweep that share a dataset subset and tokenizer prepare it once.
     """
     from .data.loading import default_cache_dir, load_dataset_split
-    from .data.probe import load_probe, probe_fingerprint
+    from .data.probe import PROBE_MAX_LENGTH, load_probe, probe_fingerprint
     from .data.registry import resolve_dataset
     from .data.tokens import tokenize_conversations
 
@@ -100,7 +100,7 @@ def prepare_data(config: TrialConfig, tokenizer) -> PreparedData:
         raise ValueError(f"dataset '{config.dataset}' gave no valid training rows ({loaded.rows_skipped} malformed)")
     train = tokenize_conversations(tokenizer, loaded.train, config.max_length)
     held_out = tokenize_conversations(tokenizer, loaded.eval, config.max_length)
-    probe = tokenize_conversations(tokenizer, load_probe(), config.max_length)
+    probe = tokenize_conversations(tokenizer, load_probe(), PROBE_MAX_LENGTH)
     data = PreparedData(train.examples, held_out.examples, probe.examples, loaded.rows_skipped,
                         train.dropped + held_out.dropped, loaded.source)
     cache_file.parent.mkdir(parents=True, exist_ok=True)
@@ -141,8 +141,8 @@ def probe_and_hub_measures(model, tokenizer, probe: list[dict], config: TrialCon
     the model's atlas, which the driver computed before the sweep (a missing one is computed here once from this
     model with its adapter disabled, and cached for the next trials).
 
-    When the trial's probe tokens and batch size are the atlas's (no probe conversation is cut at max_length and
-    kl_batch_size is the atlas's), the probe measures come from passes the atlas and the hub check run anyway, for
+    When the trial's probe tokens and batch size are the atlas's (kl_batch_size is the atlas's: the probe is
+    tokenized alike for both), the probe measures come from passes the atlas and the hub check run anyway, for
     the same numbers: the adapter-on pass is the hub check's pass with nothing skipped, and the adapter-off pass is
     the atlas's, whose hidden states it keeps (`Atlas.base_hidden`)."""
     from . import metrics

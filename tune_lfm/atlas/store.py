@@ -6,9 +6,8 @@ probe fingerprint, max_length, batch size, dtype and device type (base and tuned
 arithmetic for an untrained adapter to compare as identical), k and quota.
 
 Beside the JSON, `<name>.base_hidden.safetensors` keeps the base model's final hidden states at the probe's scored
-positions, from the atlas's pass with nothing skipped (6,592 positions x 1,024: 13 MB for LFM2.5-230M in bf16). A
-trial whose probe batches are the atlas's takes the base side of its probe KL from it instead of running the base
-model again.
+positions, from the atlas's pass with nothing skipped (tiny-lfm2: 6,592 x 128 floats, 3.4 MB). A trial whose probe
+batches are the atlas's takes the base side of its probe KL from it instead of running the base model again.
 """
 
 from __future__ import annotations
@@ -29,6 +28,7 @@ from typing import Callable
 import torch
 
 from ..config import ConfigError
+from ..data.probe import PROBE_MAX_LENGTH
 from ..metrics import adapter_disabled
 from ..layers import layer_types_of
 from .ranking import DEFAULT_K, check_selection, combine, default_quota, select_hubs, spearman
@@ -36,8 +36,8 @@ from .scores import METHODS, ProbeSums, measure, probe_examples, tokens_digest
 
 ATLAS_VERSION = 2
 """Bump when what is cached changes, so older cached atlases are not reused (2: the base hidden states are kept)."""
-DEFAULT_MAX_LENGTH = 1024
-"""Probe tokens per conversation; cuts no probe conversation (the longest: 362 tokens with tiny-lfm2's tokenizer)."""
+DEFAULT_MAX_LENGTH = PROBE_MAX_LENGTH
+"""Probe tokens per conversation: the trials' own (`data.probe.PROBE_MAX_LENGTH`)."""
 DEFAULT_BATCH_SIZE = 8
 """Probe conversations per forward pass, as the trial's `kl_batch_size` default."""
 

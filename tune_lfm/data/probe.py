@@ -14,6 +14,9 @@ from tune_lfm.data.sources import SOURCE_FORMATS, MalformedRow
 
 PROBE_VERSION = "v1"
 PROBE_FILE = Path(__file__).parent / "embedded" / f"probe_{PROBE_VERSION}.jsonl"
+PROBE_MAX_LENGTH = 1024
+"""Probe tokens per conversation, whatever a trial's own max_length: it cuts no probe conversation (the longest is 307
+tokens with tiny-lfm2's tokenizer), so every trial of a model is measured on the same tokens, and on the atlas's."""
 
 
 def load_probe() -> list[list[dict]]:
