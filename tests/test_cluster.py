@@ -232,6 +232,28 @@ def test_storage_failing_mid_write_gives_a_clear_error_and_keeps_the_previous_da
     assert sorted(p.name for p in tmp_path.iterdir()) == ["history.parquet", "trials.parquet"]  # no partial file
 
 
+def test_a_trial_row_is_stored_only_after_its_steps(tmp_path, monkeypatch):
+    """The driver can die between the two files' writes (test_s3_storage kills it as soon as a row appears): a
+    finished trial on storage must never lack its history, which a resume would keep as it is."""
+    from tune_lfm import results
+
+    record = results.ExperimentRecord(str(tmp_path))
+    record.add_step("first", {"step": 1, "loss": 2.0})
+    record.set_trial({"trial_id": "first", "status": "completed"})
+    record.add_step("second", {"step": 1, "loss": 1.0})
+    written = results.write_parquet_atomic
+
+    def dies_after_one_write(frame, uri):
+        written(frame, uri)
+        raise KeyboardInterrupt  # stands for the SIGKILL that ends the driver before its second write
+
+    monkeypatch.setattr(results, "write_parquet_atomic", dies_after_one_write)
+    with pytest.raises(KeyboardInterrupt):
+        record.set_trial({"trial_id": "second", "status": "completed"})
+    stored, steps = pd.read_parquet(tmp_path / "trials.parquet"), pd.read_parquet(tmp_path / "history.parquet")
+    assert set(stored["trial_id"]) <= set(steps["trial_id"]), (stored, steps)
+
+
 # ---------------------------------------------------------------- safety (no Ray)
 
 def test_sweep_yaml_cannot_run_code(tmp_path):

@@ -177,6 +177,8 @@ class ExperimentRecord:
             self.history = theirs + [row for row in self.history if row["trial_id"] not in replaced]
 
     def flush(self) -> None:
+        """History first: a trial's row on storage says its steps are there too, whenever the driver is stopped (a
+        trial whose steps were written but not its row runs again on resume, and its steps are replaced)."""
         self._merge_storage()
-        write_parquet_atomic(trials_frame(list(self.rows.values())), self.trials_uri)
         write_parquet_atomic(history_frame(self.history), self.history_uri)
+        write_parquet_atomic(trials_frame(list(self.rows.values())), self.trials_uri)
