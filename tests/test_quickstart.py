@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 from cli import run_module
 
+from tune_lfm.runner import STEP_REPORT_EVERY_S
 from tune_lfm.spaces import TINY_SCALE
 
 pytestmark = pytest.mark.slow
@@ -70,6 +71,17 @@ def test_datasets_sweep_end_to_end_writes_both_dataframes(quickstart):
     assert pl.read_parquet(experiment / "trials.parquet").height == 10
     uri = str(experiment / "trials.parquet")
     assert duckdb.sql(f"select count(*) from '{uri}' where status = 'completed'").fetchall()[0][0] == 10
+
+
+def test_steps_reach_the_driver_a_second_at_a_time(sweep):
+    """Each Tune report pauses training until the driver has handled it, so a trial sends its step rows in batches
+    (runner.StepBatches): every step arrives once and in order, in far fewer results than steps."""
+    _, trials, _ = sweep
+    for row in trials.itertuples():
+        results = [json.loads(line) for line in (Path(row.adapter_uri).parent / "result.json").read_text().splitlines()]
+        batches = [result["steps"] for result in results if result.get("kind") == "steps"]
+        assert [step["step"] for batch in batches for step in batch] == list(range(1, 61)), row.dataset
+        assert len(batches) <= row.train_s / STEP_REPORT_EVERY_S + 2, (row.dataset, len(batches), row.train_s)
 
 
 def test_a_preset_reruns_its_trial(quickstart, tmp_path):

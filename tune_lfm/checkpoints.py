@@ -34,7 +34,7 @@ TRIAL_FILE = "tune_lfm_trial.json"
 HISTORY_FILE = "tune_lfm_history.json"
 """In a resume checkpoint: the step rows logged up to it, so the resumed trial's history and train_loss are whole."""
 RESUME_KIND = "checkpoint"
-"""The `kind` of the result that carries a resume checkpoint (beside `step` and `final`)."""
+"""The `kind` of the result that carries a resume checkpoint (beside `steps` and `final`)."""
 
 
 @dataclass(frozen=True)
@@ -120,14 +120,20 @@ def report_resume_checkpoint(trainer_checkpoint: str, step: int, history: list[d
                 checkpoint=tune.Checkpoint.from_directory(trainer_checkpoint))
 
 
-def trial_resume(every: int | None) -> Resume | None:
+def trial_resume(every: int | None, before_report: Callable[[], None]) -> Resume | None:
     """Checkpointing every `every` steps, from the retried trial's last resume checkpoint (copied to a local
-    directory) if it has one; None when the sweep does not checkpoint trials."""
+    directory) if it has one; None when the sweep does not checkpoint trials. `before_report` runs before each
+    checkpoint goes to Ray (the trial's held step rows go first)."""
     from ray import tune
 
     if not every:
         return None
-    resume = Resume(every, report_resume_checkpoint)
+
+    def save(trainer_checkpoint: str, step: int, history: list[dict[str, Any]]) -> None:
+        before_report()
+        report_resume_checkpoint(trainer_checkpoint, step, history)
+
+    resume = Resume(every, save)
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         local = checkpoint.to_directory(tempfile.mkdtemp(prefix="tune_lfm_resume_"))

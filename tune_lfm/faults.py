@@ -2,7 +2,7 @@
 
 `TUNE_LFM_FAULTS="<trial_id>:<kind>,..."` in the environment of the Ray workers. Kinds: `raise` and `oom` raise before
 training; `nan` makes the loss non-finite; `kill` SIGKILLs the trial's own worker process right after its first step
-is reported (a real process death, as when the kernel's OOM killer or a segfault ends it); `fail` raises before
+(a real process death, as when the kernel's OOM killer or a segfault ends it); `fail` raises before
 training on every attempt, a trial that cannot succeed. Kept out of sweep YAML on purpose: nothing a config says is
 executed, and a production sweep cannot carry a fault by mistake.
 Every other fault fires on a trial's first attempt only (the attempt number comes from Tune, see `tune_lfm.runner`),
@@ -44,6 +44,6 @@ def fire(kind: str, attempt: int) -> dict | None:
 
 
 def fire_after_step(kind: str, attempt: int) -> None:
-    """After a step was reported: `kill` ends this worker process at once, with no cleanup, on the first attempt."""
+    """After a step: `kill` ends this worker process at once, with no cleanup, on the first attempt."""
     if kind == "kill" and attempt == 1:
         os.kill(os.getpid(), signal.SIGKILL)

@@ -1,9 +1,10 @@
 """`--log mlflow|tensorboard|wandb`: every trial's step losses and final metrics, streamed by Ray Tune's logger
 callbacks (MLflowLoggerCallback, TBXLoggerCallback, WandbLoggerCallback) from the driver.
 
-A trial reports three kinds of results (`kind`: step, checkpoint, final). Trackers get numbers only, named as in the
-experiment's dataframes: each step's row of history.parquet as `step/<column>` at that optimizer step, and the
-trial's measured metrics (trials.parquet's columns; booleans as 0/1) at its last step. Config values go in as
+A trial reports three kinds of results (`kind`: steps, checkpoint, final). Trackers get numbers only, named as in the
+experiment's dataframes: each step's row of history.parquet as `step/<column>` at that optimizer step (a `steps`
+result holds a second's worth of rows), and the trial's measured metrics (trials.parquet's columns; booleans as 0/1)
+at its last step. Config values go in as
 parameters (MLflow params, TensorBoard hparams, W&B config), never as metrics.
 
 Where the runs go: MLflow to `MLFLOW_TRACKING_URI` if set, else a SQLite store `mlflow.db` in the experiment
@@ -40,32 +41,36 @@ def _number(value: Any) -> float | None:
     return None
 
 
-def tracked_metrics(result: dict[str, Any]) -> dict[str, Any] | None:
-    """What trackers get from one Tune result: numeric metrics and `training_iteration` = the optimizer step (the
-    x axis of every tracker); None for results that carry no metrics of their own (resume checkpoints)."""
-    if result.get("kind") == "step":
-        names, step = [(f"{STEP_PREFIX}{c}", c) for c in HISTORY_COLUMNS[2:]], result["step"]
+def tracked_metrics(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """What trackers get from one Tune result: per optimizer step it covers, numeric metrics and
+    `training_iteration` = that step (the x axis of every tracker); none for results that carry no metrics of their
+    own (resume checkpoints)."""
+    if result.get("kind") == "steps":
+        names = [(f"{STEP_PREFIX}{c}", c) for c in HISTORY_COLUMNS[2:]]
+        rows = [(row, row["step"]) for row in result["steps"]]
     elif result.get("kind") == "final":
-        names, step = [(c, c) for c in _final_metric_names()], result.get("steps_completed") or 0
+        names, rows = [(c, c) for c in _final_metric_names()], [(result, result.get("steps_completed") or 0)]
     else:
-        return None
-    metrics = {name: _number(result.get(key)) for name, key in names}
-    return {**{k: v for k, v in metrics.items() if v is not None}, "training_iteration": int(step)}
+        return []
+    tracked = []
+    for row, step in rows:
+        metrics = {name: _number(row.get(key)) for name, key in names}
+        tracked.append({**{k: v for k, v in metrics.items() if v is not None}, "training_iteration": int(step)})
+    return tracked
 
 
 class _TrackedMetricsOnly:
-    """Hands a Ray logger callback `tracked_metrics(result)` instead of the raw result."""
+    """Hands a Ray logger callback each of `tracked_metrics(result)` instead of the raw result."""
 
     def log_trial_result(self, iteration: int, trial, result: dict[str, Any]):
-        tracked = tracked_metrics(result)
-        if tracked is not None:
+        for tracked in tracked_metrics(result):
             super().log_trial_result(iteration, trial, tracked)
 
 
 class _OneMlflowBatchPerResult:
     """MLflowLoggerCallback writes each metric of a result in its own transaction and looks the run up first: with
     the SQLite store, the quickstart sweep's driver spent about 15 CPU-seconds on it, inside Tune's result loop.
-    Here a result is one `log_batch`: the same metrics, at the same step, in one transaction."""
+    Here a result is one `log_batch`: the same metrics, at the same steps, in one transaction."""
 
     def log_trial_result(self, iteration: int, trial, result: dict[str, Any]):
         from mlflow.entities import Metric
@@ -73,15 +78,16 @@ class _OneMlflowBatchPerResult:
 
         if getattr(self, "_batch_client", None) is None:
             self._batch_client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.registry_uri)
-        step, timestamp = int(result["training_iteration"]), int(time.time() * 1000)
-        metrics = [Metric(key, float(value), timestamp, step) for key, value in result.items()]
-        self._batch_client.log_batch(self._trial_runs[trial], metrics=metrics)
+        timestamp = int(time.time() * 1000)
+        metrics = [Metric(key, float(value), timestamp, int(tracked["training_iteration"]))
+                   for tracked in tracked_metrics(result) for key, value in tracked.items()]
+        if metrics:
+            self._batch_client.log_batch(self._trial_runs[trial], metrics=metrics)
 
 
-def _tracked(callback_class: type, *mixins: type) -> type:
+def _tracked(callback_class: type) -> type:
     """`callback_class` fed through `tracked_metrics` (made here so that importing this module does not load Ray)."""
-    return type(f"Tracked{callback_class.__name__}", (_TrackedMetricsOnly, *mixins, callback_class),
-                {"__module__": __name__})
+    return type(f"Tracked{callback_class.__name__}", (_TrackedMetricsOnly, callback_class), {"__module__": __name__})
 
 
 def mlflow_tracking_uri(experiment_dir: str) -> str:
@@ -114,7 +120,8 @@ def tracker_callbacks(names: list[str], experiment_dir: str, experiment: str, sw
             log(f"mlflow: experiment {experiment} at {uri}")
             from ray.air.integrations.mlflow import MLflowLoggerCallback
 
-            mlflow_callback = _tracked(MLflowLoggerCallback, _OneMlflowBatchPerResult)
+            mlflow_callback = type("TrackedMLflowLoggerCallback", (_OneMlflowBatchPerResult, MLflowLoggerCallback),
+                                   {"__module__": __name__})
             callbacks.append(mlflow_callback(tracking_uri=uri, experiment_name=experiment,
                                              tags={"tune_lfm_sweep": sweep}))
         elif name == "tensorboard":

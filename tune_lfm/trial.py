@@ -105,7 +105,7 @@ def prepare_data(config: TrialConfig, tokenizer) -> PreparedData:
                         train.dropped + held_out.dropped, loaded.source)
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     partial = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.tmp")
-    partial.write_text(json.dumps(dataclasses.asdict(data)))
+    partial.write_text(json.dumps(vars(data)))  # not asdict, which deep-copies every token list first
     os.replace(partial, cache_file)
     return data
 

@@ -27,7 +27,7 @@ import os
 import random
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -184,7 +184,7 @@ def _cache_file(spec: DatasetSpec, num_train: int, num_eval: int, seed: int, cac
 def _write_cache(path: Path, data: LoadedData) -> None:
     """Header line with the counts, then one ``{"part", "messages"}`` line per conversation; written atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    header = {key: value for key, value in asdict(data).items() if key not in ("train", "eval")}
+    header = {key: value for key, value in vars(data).items() if key not in ("train", "eval")}
     partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with partial.open("w", encoding="utf-8") as out:
         out.write(json.dumps(header) + "\n")
