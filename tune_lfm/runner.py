@@ -169,8 +169,8 @@ def _hardware() -> dict[str, Any]:
 STEP_REPORT_EVERY_S = 1.0
 """How often a trial sends its step rows to the driver. Tune's function API pauses the training thread at every
 report until the driver has handled the result: 6.5 ms a step for a lone tiny trial on an idle CPU, more when the
-driver is busy with other trials' results, a tenth of a fast GPU step's time. Rows travel a second's worth at a time;
-a sweep with a scheduler reports every step, since the scheduler stops trials on them."""
+driver is busy with other trials' results, and a larger share of a GPU's far shorter steps. Rows travel a second's
+worth at a time; a sweep with a scheduler reports every step, since the scheduler stops trials on them."""
 
 
 class StepBatches:
