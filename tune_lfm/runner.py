@@ -189,9 +189,9 @@ class StepBatches:
         """Send what is held now: before a checkpoint or the final result, so the driver has every earlier step."""
         from ray import tune
 
-        if self.rows:
-            tune.report({"kind": "steps", **self.rows[-1], "steps": self.rows})
-            self.rows = []
+        rows, self.rows = self.rows, []  # Tune may end the thread inside report (a stopped trial): never twice
+        if rows:
+            tune.report({"kind": "steps", **rows[-1], "steps": rows})
         self.sent = time.monotonic()
 
 
@@ -227,11 +227,14 @@ def trainable(params: dict[str, Any]) -> None:
             result = run_trial(config, reporter=report_step, log=lambda line: print(line, flush=True),
                                gpu_share=ray.get_runtime_context().get_assigned_resources().get("GPU"),
                                save_adapter=adapter_dir if keep_adapter else None, resume=resume)
-        finally:  # the steps of a trial that raised are kept too; the actor runs the next trial (reuse_actors)
+        except Exception:  # the steps of a trial that raised are kept too (not when Tune stops it: SystemExit)
             steps.send()
+            raise
+        finally:  # the actor runs the next trial (reuse_actors)
             _release_gpu_memory()
             if resume and resume.start:
                 shutil.rmtree(resume.start, ignore_errors=True)
+        steps.send()  # the last rows go before the final result
         result.pop("history")
         final = {"kind": "final", **{k: _scalar(v) for k, v in result.items()}, "loss": result["train_loss"],
                  "started_at": started, "finished_at": datetime.now(timezone.utc).isoformat(), **_hardware()}
