@@ -495,6 +495,9 @@ def test_tied_trials_for_a_preset_are_listed_and_picked_by_the_tie_breakers(ties
     assert quality.trial["trial_id"] == "o-adamw"  # tied with t-all; lower kl, fewer params, then trial_id
     assert set(quality.tied) == {"o-adamw", "t-hub", "t-all", "t-attn", "o-lion"}
     assert "tie on improvement within noise" in quality.reason
+    # the best score is named as t-all's, not the picked trial's
+    assert quality.reason.startswith("trial t-all (sweep targets: all_linear) has the best held-out improvement, 0.21")
+    assert "trial o-adamw (sweep optimizers: adamw), at 0.2 ± 0.01, is tied with it within noise" in quality.reason
     write_outputs(ties, tmp_path)
     assert "# Tied for this preset: o-adamw," in (tmp_path / "presets" / "best_quality.yaml").read_text()
     surgical = ties.presets[2]  # kl 0.020 and 0.021 tie (kl_se 0.001): fewer params decides

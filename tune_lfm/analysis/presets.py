@@ -133,7 +133,10 @@ def best_quality(done: pd.DataFrame, z: float) -> Preset:
     basis = ranking_basis(trials)
     tied, known = _tied_set(trials, basis.column, basis.higher_is_better, z)
     trial = _first(tied, ["kl", "trainable_params", basis.column], [True, True, not basis.higher_is_better])
-    reason = f"{_describe(trial)} has the best {basis.name}, {_value(trial, basis.column)}, of {len(trials)} trials"
+    top = tied.iloc[best_position(tied[basis.column], basis)]
+    reason = f"{_describe(top)} has the best {basis.name}, {_value(top, basis.column)}, of {len(trials)} trials"
+    if top["trial_id"] != trial["trial_id"]:  # picked from the trials tied with the top one
+        reason += f"; {_describe(trial)}, at {_value(trial, basis.column)}, is tied with it within noise"
     rest = trials[~trials["trial_id"].isin(tied["trial_id"])]
     if not rest.empty:
         runner = rest.iloc[best_position(rest[basis.column], basis)]
