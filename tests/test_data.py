@@ -298,7 +298,7 @@ def test_hub_subset_is_cached_and_second_call_stays_offline(fake_hub, tmp_path):
 
 def test_cache_dir_defaults_under_tune_lfm_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("TUNE_LFM_CACHE", str(tmp_path))
-    assert loading.default_cache_dir() == tmp_path / "datasets"
+    assert loading._cache_file(resolve_dataset("gsm8k"), 40, 4, 0, None).parent == tmp_path / "datasets"
 
 
 def test_unreachable_hub_error_names_dataset_and_the_ways_out(monkeypatch, tmp_path):

@@ -73,3 +73,31 @@ def test_cli_prints_count_and_modules_offline():
     result = json.loads(out.stdout)
     assert result["trainable_params"] == 212_992
     assert len(result["modules"]) == 12
+
+
+def test_layouts_come_from_the_cache_equal_to_the_model_and_keyed_by_its_config(monkeypatch, tmp_path):
+    """Planning reads a model's module tree from the layout cache; an entry equals the loaded model's own tree, a
+    cached one builds no model, a damaged one is built again, and another config is another entry."""
+    from transformers import AutoModelForCausalLM
+
+    from tune_lfm import models
+    from tune_lfm.layers import layout_of
+
+    monkeypatch.setenv("TUNE_LFM_CACHE", str(tmp_path))
+    built, build = [], models._meta_model
+    monkeypatch.setattr(models, "_meta_model", lambda config: built.append(config.num_hidden_layers) or build(config))
+    ref = models.resolve_model("tiny-lfm2")
+    layout = models.model_layout(ref)
+    assert layout == layout_of(AutoModelForCausalLM.from_pretrained(ref.source)) and built == [6]
+    assert models.model_layout(ref) == layout and built == [6]
+    [entry] = (tmp_path / "layouts").iterdir()
+    entry.write_text(entry.read_text()[:40])
+    assert models.model_layout(ref) == layout and built == [6, 6]
+
+    config = json.loads((models.EMBEDDED_DIR / "config.json").read_text())
+    config.update(num_hidden_layers=4, layer_types=config["layer_types"][:4])
+    (tmp_path / "shallow").mkdir()
+    (tmp_path / "shallow" / "config.json").write_text(json.dumps(config))
+    shallow = models.model_layout(models.resolve_model(str(tmp_path / "shallow")))
+    assert len(shallow.layers) == 4 and shallow.layers == layout.layers[:4] and built == [6, 6, 4]
+    assert len(list((tmp_path / "layouts").iterdir())) == 2

@@ -93,13 +93,13 @@ def prepare_atlases(configs: list, device: str | None) -> None:
 
 
 def _release_gpu_memory() -> None:
-    """Give cached CUDA blocks back, so the trials that share this GPU next can use them."""
+    """Give cached CUDA blocks back, so the trials that share this GPU next can use them (if the driver used it)."""
     import gc
 
     import torch
 
-    gc.collect()
-    if torch.cuda.is_available():
+    if torch.cuda.is_initialized():
+        gc.collect()
         torch.cuda.empty_cache()
 
 
@@ -434,7 +434,10 @@ def connect_ray(address: str | None, verbose: bool = False):
         os.environ[variable] = "0"  # for the processes Ray starts
         ray_constants.ENABLE_RAY_CLUSTER = False  # read when ray was imported
         try:
-            ray.init(_node_ip_address=LOOPBACK, include_dashboard=False, dashboard_host=LOOPBACK, **quiet)
+            # Ray would start an idle worker per CPU for the first driver; trial actors start their own workers and
+            # never take those, which only cost a CPU-second at every start.
+            ray.init(_node_ip_address=LOOPBACK, include_dashboard=False, dashboard_host=LOOPBACK,
+                     _system_config={"prestart_worker_first_driver": False}, **quiet)
         finally:  # the processes have started; the rest of this process is unchanged
             ray_constants.ENABLE_RAY_CLUSTER = True
             os.environ.pop(variable) if before is None else os.environ.update({variable: before})
@@ -460,6 +463,15 @@ def _keep_credentials_out_of_trial_runtime_envs() -> None:
 
     class_cache.ENV_VARS_TO_PROPAGATE = class_cache.ENV_VARS_TO_PROPAGATE - {
         "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN"}
+
+
+def _skip_callback_usage_tag() -> None:
+    """Ray Tune's usage telemetry names the callbacks of every run, and to recognise them imports its MLflow, W&B
+    and Comet integrations, which import mlflow wherever it is installed: about a CPU-second in every driver, for
+    one tag. That tag is left out; Ray's other usage records are untouched."""
+    from ray.air._internal import usage
+
+    usage.tag_callbacks = lambda callbacks: False
 
 
 def run_plan(plan: Plan, launch: Launch, interrupts: Interrupts) -> None:
@@ -500,6 +512,7 @@ def run_plan(plan: Plan, launch: Launch, interrupts: Interrupts) -> None:
                                 failure_config=tune.FailureConfig(max_failures=plan.sweep.max_failures),
                                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
     _keep_credentials_out_of_trial_runtime_envs()
+    _skip_callback_usage_tag()
     tuner = tune.Tuner(tune.with_resources(trainable, {"cpu": cpus, "gpu": gpus}), param_space=param_space,
                        run_config=run_config,
                        tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=_scheduler(plan.sweep),

@@ -3,7 +3,7 @@
 A spec is `{modules: [...], layers: all | hub | [indices], layer_types: [...]}`: in every selected layer, each Linear
 whose own name is in `modules` is targeted. `lora_targets` is a preset name, one spec, or a list of specs (union).
 LoRA adds rank x (in_features + out_features) parameters per targeted Linear, so counts need only the module shapes:
-they are computed on the meta device, with no weights.
+they are computed from the model's layout, with no weights.
 
     python -m tune_lfm.targets --model LiquidAI/LFM2.5-230M --targets hub_all --rank 8 --hub-layers 2,3,4,5
 """
@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from .config import ConfigError
-from .layers import decoder_layers, layer_types_of
+from .layers import Layout
 
 MIXER = ["q_proj", "k_proj", "v_proj", "out_proj", "in_proj"]
 """LFM2's token-mixer projections: attention q/k/v/out and the short convolution's in/out (conv.conv is a Conv1d)."""
@@ -108,13 +108,10 @@ def parse_spec(value: Any, where: str = "lora_targets") -> list[TargetSpec]:
     return [TargetSpec(tuple(modules), layers, layer_types)]
 
 
-def resolve_targets(model, specs: list[TargetSpec], hub_layers: list[int] | None) -> ResolvedTargets:
-    """Apply specs to a model (meta or real) and list the targeted Linear modules in layer order."""
-    import torch.nn as nn
-
-    layers = decoder_layers(model)
-    types = layer_types_of(model.config)
-    layer_to_name = {id(layer): name for name, layer in model.named_modules()}
+def resolve_targets(layout: Layout, specs: list[TargetSpec], hub_layers: list[int] | None) -> ResolvedTargets:
+    """Apply specs to a model's layout (`layers.layout_of`, `models.model_layout`) and list the targeted Linear
+    modules in layer order."""
+    types = [layer.type for layer in layout.layers]
     chosen: dict[str, tuple[int, int, int]] = {}
     for spec in specs:
         if spec.layers == "hub":
@@ -122,25 +119,25 @@ def resolve_targets(model, specs: list[TargetSpec], hub_layers: list[int] | None
                 raise ConfigError("target spec uses layers: hub, but no hub layers are known for this model")
             indices = list(hub_layers)
         elif spec.layers == "all":
-            indices = list(range(len(layers)))
+            indices = list(range(len(types)))
         else:
             indices = list(spec.layers)
-        bad = [i for i in indices if not 0 <= i < len(layers)]
+        bad = [i for i in indices if not 0 <= i < len(types)]
         if bad:
-            raise ConfigError(f"layer indices {bad} out of range: the model has {len(layers)} layers "
-                              f"(0-{len(layers) - 1})")
+            raise ConfigError(f"layer indices {bad} out of range: the model has {len(types)} layers "
+                              f"(0-{len(types) - 1})")
         if spec.layer_types is not None:
             unknown = set(spec.layer_types) - set(types)
             if unknown:
                 raise ConfigError(f"layer_types {sorted(unknown)} not in this model; it has {sorted(set(types))}")
             indices = [i for i in indices if types[i] in spec.layer_types]
         for i in indices:
-            prefix = layer_to_name[id(layers[i])]
-            for name, module in layers[i].named_modules():
-                if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in spec.modules:
-                    chosen[f"{prefix}.{name}"] = (i, module.in_features, module.out_features)
+            layer = layout.layers[i]
+            for name, fan_in, fan_out in layer.linears:
+                if name.rsplit(".", 1)[-1] in spec.modules:
+                    chosen[f"{layer.name}.{name}"] = (i, fan_in, fan_out)
     if not chosen:
-        raise ConfigError(f"target specs {specs} match no Linear module of {type(model).__name__}")
+        raise ConfigError(f"target specs {specs} match no Linear module of {layout.model_class}")
     ordered = sorted(chosen.items(), key=lambda item: (item[1][0], item[0]))
     return ResolvedTargets(
         module_names=tuple(name for name, _ in ordered),
@@ -154,16 +151,16 @@ def needs_hub_layers(specs: list[TargetSpec]) -> bool:
 
 
 def targets_for_model(model_name: str, lora_targets: Any, hub_layers: list[int] | None) -> ResolvedTargets:
-    """Resolve a target set against a model's architecture with no weights (meta device); hub layers are the given
-    ones or the model's published ones (an atlas needs weights: `tune_lfm.atlas.resolve_hub_layers`)."""
-    from .models import build_meta_model, resolve_model
+    """Resolve a target set against a model's architecture with no weights (its cached layout); hub layers are the
+    given ones or the model's published ones (an atlas needs weights: `tune_lfm.atlas.resolve_hub_layers`)."""
+    from .models import model_layout, resolve_model
 
     specs = parse_spec(lora_targets)
     hubs = hub_layers if hub_layers is not None else published_hub_layers(model_name)
     if hubs is None and needs_hub_layers(specs):
         raise ConfigError(f"{model_name} has no published hub layers: give them (--hub-layers, hub_layers) or take "
                           f"them from its atlas (python -m tune_lfm.atlas --model {model_name})")
-    return resolve_targets(build_meta_model(resolve_model(model_name)), specs, hubs)
+    return resolve_targets(model_layout(resolve_model(model_name)), specs, hubs)
 
 
 def parse_targets_arg(text: str) -> Any:

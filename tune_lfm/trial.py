@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -77,7 +76,8 @@ def prepare_data(config: TrialConfig, tokenizer) -> PreparedData:
     The result is cached on disk (`$TUNE_LFM_CACHE/prepared`, keyed by everything that decides its content), so the
     trials of a sweep that share a dataset subset and tokenizer prepare it once.
     """
-    from .data.loading import default_cache_dir, load_dataset_split
+    from .cache import cache_folder, key_digest, write_atomically
+    from .data.loading import load_dataset_split
     from .data.probe import PROBE_MAX_LENGTH, load_probe, probe_fingerprint
     from .data.registry import resolve_dataset
     from .data.tokens import tokenize_conversations
@@ -89,8 +89,7 @@ def prepare_data(config: TrialConfig, tokenizer) -> PreparedData:
            "tokenizer": tokenizer.name_or_path, "vocab": len(tokenizer), "template": tokenizer.chat_template,
            "probe": probe_fingerprint(), "rows": _source_fingerprint(spec, config.uses_embedded_data),
            "version": PREPARED_VERSION}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
-    cache_file = default_cache_dir().parent / "prepared" / f"{config.dataset}-{digest}.json"
+    cache_file = cache_folder("prepared") / f"{config.dataset}-{key_digest(key)}.json"
     if cache_file.is_file():
         return PreparedData(**json.loads(cache_file.read_text()))
 
@@ -103,10 +102,8 @@ def prepare_data(config: TrialConfig, tokenizer) -> PreparedData:
     probe = tokenize_conversations(tokenizer, load_probe(), PROBE_MAX_LENGTH)
     data = PreparedData(train.examples, held_out.examples, probe.examples, loaded.rows_skipped,
                         train.dropped + held_out.dropped, loaded.source)
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    partial = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.tmp")
-    partial.write_text(json.dumps(vars(data)))  # not asdict, which deep-copies every token list first
-    os.replace(partial, cache_file)
+    # vars, not asdict, which deep-copies every token list first
+    write_atomically(cache_file, lambda file: file.write_text(json.dumps(vars(data))))
     return data
 
 
@@ -125,11 +122,12 @@ def attach_lora(model, config: TrialConfig) -> tuple[Any, ResolvedTargets]:
     from peft import LoraConfig, get_peft_model
 
     from .atlas import resolve_hub_layers
+    from .layers import layout_of
     from .targets import needs_hub_layers, parse_spec, resolve_targets
 
     specs = parse_spec(config.lora_targets)
     hubs = resolve_hub_layers(config.model, config.hub_layers) if needs_hub_layers(specs) else config.hub_layers
-    resolved = resolve_targets(model, specs, hubs)
+    resolved = resolve_targets(layout_of(model), specs, hubs)
     lora = LoraConfig(r=config.lora_rank, lora_alpha=config.resolved_lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=list(resolved.module_names), bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, lora), resolved

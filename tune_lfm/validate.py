@@ -65,13 +65,12 @@ def _check_dataset(name: str, user_datasets: str, embedded: bool, eval_examples:
 
 @functools.lru_cache(maxsize=None)
 def _check_model_targets(model: str, targets: str, hub_layers: tuple[int, ...] | None, where: str) -> None:
-    """The model's config can be found, and the target set and hub layers exist in it (meta device, no weights)."""
-    from .layers import decoder_layers
-    from .models import build_meta_model, resolve_model
+    """The model's config can be found, and the target set and hub layers exist in it (its layout, no weights)."""
+    from .models import model_layout, resolve_model
     from .targets import needs_hub_layers, parse_spec, published_hub_layers, resolve_targets
 
-    meta = build_meta_model(resolve_model(model))
-    layers = len(decoder_layers(meta))
+    layout = model_layout(resolve_model(model))
+    layers = len(layout.layers)
     if hub_layers is not None and max(hub_layers) >= layers:
         raise ConfigError(f"{where}: `hub_layers` {list(hub_layers)} out of range: {model} has {layers} decoder "
                           f"layers (0-{layers - 1})")
@@ -81,7 +80,7 @@ def _check_model_targets(model: str, targets: str, hub_layers: tuple[int, ...] |
     if hubs is None and needs_hub_layers(specs):
         hubs = list(range(layers))  # this model's hubs come from its atlas later; any layer may be one
     try:
-        resolve_targets(meta, specs, hubs)
+        resolve_targets(layout, specs, hubs)
     except ConfigError as err:
         raise ConfigError(f"{where}: `lora_targets` {targets}: {err}") from None
 

@@ -16,7 +16,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import os
 import re
 import sys
 import time
@@ -27,6 +26,7 @@ from typing import Callable
 
 import torch
 
+from ..cache import cache_folder, key_digest, write_atomically
 from ..config import ConfigError
 from ..data.probe import PROBE_MAX_LENGTH
 from ..metrics import adapter_disabled
@@ -88,11 +88,6 @@ class Atlas:
         return cls(**data)
 
 
-def default_cache_dir() -> Path:
-    root = os.environ.get("TUNE_LFM_CACHE")
-    return (Path(root) if root else Path.home() / ".cache" / "tune_lfm") / "atlas"
-
-
 @functools.lru_cache(maxsize=None)
 def _files_sha256(stamps: tuple[tuple[str, int, int], ...]) -> str:
     """Content hash of files named by (path, size, mtime) stamps; memoised, so a sweep hashes each file once."""
@@ -131,16 +126,8 @@ def weights_identity(ref) -> str:
 
 
 def cache_file(key: dict, cache_dir: str | Path | None = None) -> Path:
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     label = re.sub(r"[^A-Za-z0-9._-]+", "_", key["model"]).strip("_")[:60]  # readable; the digest is the key
-    return Path(cache_dir or default_cache_dir()) / f"{label}-{digest}.json"
-
-
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    write(partial)
-    os.replace(partial, path)
+    return Path(cache_dir or cache_folder("atlas")) / f"{label}-{key_digest(key)}.json"
 
 
 def _base_hidden_file(atlas_file: Path) -> Path:
@@ -152,8 +139,8 @@ def _save(atlas: Atlas, path: Path) -> None:
     from safetensors.torch import save_file
 
     if atlas.base_hidden is not None:
-        _write_atomically(_base_hidden_file(path), lambda file: save_file({"base_hidden": atlas.base_hidden}, file))
-    _write_atomically(path, lambda file: file.write_text(json.dumps(atlas.to_dict(), indent=1)))
+        write_atomically(_base_hidden_file(path), lambda file: save_file({"base_hidden": atlas.base_hidden}, file))
+    write_atomically(path, lambda file: file.write_text(json.dumps(atlas.to_dict(), indent=1)))
 
 
 def _load(path: Path) -> Atlas:

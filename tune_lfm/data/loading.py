@@ -19,11 +19,9 @@ and never touches the network. Local files are read directly each time.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import logging
-import os
 import random
 from collections import Counter
 from contextlib import contextmanager
@@ -31,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from tune_lfm.cache import cache_folder, key_digest, write_atomically
 from tune_lfm.data.registry import DATASETS, LOCAL_SUFFIXES, DatasetSpec, resolve_dataset
 from tune_lfm.data.sources import SOURCE_FORMATS, MalformedRow
 
@@ -168,30 +167,25 @@ def check_local_rows(spec: DatasetSpec, needed: int) -> None:
                          "least one more to train on")
 
 
-def default_cache_dir() -> Path:
-    root = os.environ.get("TUNE_LFM_CACHE")
-    return (Path(root) if root else Path.home() / ".cache" / "tune_lfm") / "datasets"
-
-
 def _cache_file(spec: DatasetSpec, num_train: int, num_eval: int, seed: int, cache_dir: str | None) -> Path:
     key = {"version": CACHE_VERSION, "hub_id": spec.hub_id, "config": spec.hub_config, "split": spec.split,
            "eval_split": spec.eval_split, "revision": spec.revision, "format": spec.source_format,
            "num_train": num_train, "num_eval": num_eval, "seed": seed}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    return Path(cache_dir or default_cache_dir()) / f"{spec.name}-{digest}.jsonl"
+    return Path(cache_dir or cache_folder("datasets")) / f"{spec.name}-{key_digest(key)}.jsonl"
 
 
 def _write_cache(path: Path, data: LoadedData) -> None:
     """Header line with the counts, then one ``{"part", "messages"}`` line per conversation; written atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     header = {key: value for key, value in vars(data).items() if key not in ("train", "eval")}
-    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with partial.open("w", encoding="utf-8") as out:
-        out.write(json.dumps(header) + "\n")
-        for part in ("train", "eval"):
-            for messages in getattr(data, part):
-                out.write(json.dumps({"part": part, "messages": messages}, ensure_ascii=False) + "\n")
-    os.replace(partial, path)
+
+    def write(partial: Path) -> None:
+        with partial.open("w", encoding="utf-8") as out:
+            out.write(json.dumps(header) + "\n")
+            for part in ("train", "eval"):
+                for messages in getattr(data, part):
+                    out.write(json.dumps({"part": part, "messages": messages}, ensure_ascii=False) + "\n")
+
+    write_atomically(path, write)
 
 
 def _read_cache(path: Path) -> LoadedData:

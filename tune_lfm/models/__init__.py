@@ -9,14 +9,19 @@ weights still come from the hub or the local Hugging Face cache.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..cache import cache_folder, key_digest, write_atomically
 from ..config import EMBEDDED_MODEL
+from ..layers import Layout, layout_of
 
 PACKAGE_DIR = Path(__file__).parent
 EMBEDDED_DIR = PACKAGE_DIR / "tiny_lfm2"
+LAYOUT_VERSION = 1
+"""Bump when `layers.Layout` changes, so cached layouts of the old form are not read."""
 SHIPPED_CONFIGS = {
     "LiquidAI/LFM2.5-230M": PACKAGE_DIR / "lfm2_5_230m",
     "LiquidAI/LFM2.5-230M-Base": PACKAGE_DIR / "lfm2_5_230m",
@@ -92,12 +97,28 @@ def load_model_config(ref: ModelRef):
         raise not_found_error(ref, err) from err
 
 
-def build_meta_model(ref: ModelRef):
-    """The model's module tree with no weights (meta device): enough to count and name every LoRA target."""
+def model_layout(ref: ModelRef) -> Layout:
+    """The model's decoder layers and Linear modules (`layers.Layout`), from the cache or from its module tree built
+    on the meta device (no weights) and cached. The config and the transformers version decide the tree, so they
+    key the cache; a planning driver with a cached layout imports no model code."""
+    import transformers
+
+    config = load_model_config(ref)
+    key = {"version": LAYOUT_VERSION, "config": config.to_dict(), "transformers": transformers.__version__}
+    path = cache_folder("layouts") / f"{config.model_type}-{key_digest(key)}.json"
+    try:
+        return Layout.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError):  # not cached yet, or a damaged entry: build it again
+        pass
+    layout = layout_of(_meta_model(config))
+    write_atomically(path, lambda file: file.write_text(json.dumps(layout.to_dict())))
+    return layout
+
+
+def _meta_model(config):
     import torch
     from transformers import AutoModelForCausalLM
 
-    config = load_model_config(ref)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
 
