@@ -445,6 +445,7 @@ def connect_ray(address: str | None, verbose: bool = False):
 
 
 def refuse_local_storage_on_cluster(storage: str) -> None:
+    """On a joined cluster of several nodes, storage must be shared (a Ray started here is a single node)."""
     import ray
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]

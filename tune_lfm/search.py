@@ -88,6 +88,8 @@ def run_search(args: argparse.Namespace) -> int:
     # submitted with `ray job submit` finds its cluster in RAY_ADDRESS.
     address = args.address or os.environ.get("RAY_ADDRESS")
     resources = runner.connect_ray(address, args.verbose) if address else None
+    if resources and not args.dry_run:  # before the plan, which may load a model to compute its atlas
+        runner.refuse_local_storage_on_cluster(args.storage)
     cluster_gpus = resources.get("GPU", 0) if resources else runner.local_gpu_count()
     scale = resolve_scale(args.scale, cluster_gpus)
     if not args.dry_run:  # a wrong --name/--resume is refused before the plan loads any weights
@@ -100,7 +102,6 @@ def run_search(args: argparse.Namespace) -> int:
     what = ("embedded tiny-lfm2 model and embedded data, shrunk for CPU" if plan.scale == "tiny"
             else "real model and data")
     log(f"scale: {plan.scale.upper()} ({what}); cluster: {resources.get('CPU', 0):.0f} CPUs, {cluster_gpus:g} GPUs")
-    runner.refuse_local_storage_on_cluster(args.storage)
     check_writable(experiment_dir)
     launch = runner.Launch(experiment_dir, name, args.storage, cluster_gpus, artifacts, resume=bool(args.resume),
                            gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent,
