@@ -1,4 +1,4 @@
-"""Tests run offline on the CPU: no hub access, the embedded model and data, and a cache of the run's own.
+"""Tests run offline on the CPU: no hub access, the embedded model and data, and a cache of their own.
 
 The suite runs on two pytest-xdist workers (pyproject addopts): the end-to-end tests mostly wait on Ray, subprocesses
 and sockets, so one worker leaves a 2-core machine half idle. A file's tests stay on one worker (--dist loadfile), so
@@ -15,20 +15,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # two workers on two cores: more torch threads only oversubscribe
-
-
-def _run_cache() -> str:
-    """A cache for this test run, shared by its xdist workers: the atlas, layouts and prepared subsets every sweep
-    needs are computed once per run (entries are written atomically, as concurrent trials write them)."""
-    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-    if run is None:
-        return tempfile.mkdtemp(prefix="tune_lfm_test_cache_")
-    path = os.path.join(tempfile.gettempdir(), f"tune_lfm_test_cache_{run}")
-    os.makedirs(path, exist_ok=True)
-    return path
-
-
-os.environ["TUNE_LFM_CACHE"] = _run_cache()
+os.environ["TUNE_LFM_CACHE"] = tempfile.mkdtemp(prefix="tune_lfm_test_cache_")
 
 
 LONGEST_FIRST = ("test_quickstart", "test_cluster", "test_hub_rehearsal", "test_s3_storage", "test_recovery",

@@ -77,7 +77,8 @@ def test_cli_prints_count_and_modules_offline():
 
 def test_layouts_come_from_the_cache_equal_to_the_model_and_keyed_by_its_config(monkeypatch, tmp_path):
     """Planning reads a model's module tree from the layout cache; an entry equals the loaded model's own tree, a
-    cached one builds no model, a damaged one is built again, and another config is another entry."""
+    cached one builds no model, a damaged one is built again, another config is another entry, and a cache that
+    cannot be written costs a build, not the plan."""
     from transformers import AutoModelForCausalLM
 
     from tune_lfm import models
@@ -101,3 +102,5 @@ def test_layouts_come_from_the_cache_equal_to_the_model_and_keyed_by_its_config(
     shallow = models.model_layout(models.resolve_model(str(tmp_path / "shallow")))
     assert len(shallow.layers) == 4 and shallow.layers == layout.layers[:4] and built == [6, 6, 4]
     assert len(list((tmp_path / "layouts").iterdir())) == 2
+    monkeypatch.setenv("TUNE_LFM_CACHE", str(entry))  # a file: nothing can be cached under it, planning still works
+    assert models.model_layout(ref) == layout and built == [6, 6, 4, 6]

@@ -111,7 +111,10 @@ def model_layout(ref: ModelRef) -> Layout:
     except (OSError, ValueError, KeyError, TypeError):  # not cached yet, or a damaged entry: build it again
         pass
     layout = layout_of(_meta_model(config))
-    write_atomically(path, lambda file: file.write_text(json.dumps(layout.to_dict())))
+    try:
+        write_atomically(path, lambda file: file.write_text(json.dumps(layout.to_dict())))
+    except OSError:  # a read-only cache costs the next plan this build again, nothing else
+        pass
     return layout
 
 
