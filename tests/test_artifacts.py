@@ -39,6 +39,7 @@ sweep:
   learning_rate: {loguniform: [1.0e-4, 1.0e-3]}
 search: {algorithm: optuna, sampler: nsga2, num_samples: 2, seed: 3, objectives: {train_loss: min, kl: min}}
 artifacts: {checkpoint_every_steps: 4}
+resources: {cpus_per_trial: 1, max_concurrent: 1}  # full scale would give 2 torch threads, which spin on a busy core
 max_failures: 1
 """
 
