@@ -31,6 +31,16 @@ def quickstart(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def report(quickstart, tmp_path_factory):
+    """The analysis CLI's report on the finished sweep (its presets, each naming its trial and adapter)."""
+    directory, _ = quickstart
+    out = tmp_path_factory.mktemp("report")
+    analysis = run_module("tune_lfm.analysis", directory, "--out", out, "--quiet", timeout=300)
+    assert analysis.returncode == 0, analysis.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
 def sweep(quickstart):
     """The sweep's directory, trials.parquet and history.parquet: 10 trials, 10 adapters."""
     directory, _ = quickstart
@@ -84,12 +94,9 @@ def test_steps_reach_the_driver_a_second_at_a_time(sweep):
         assert len(batches) <= row.train_s / STEP_REPORT_EVERY_S + 2, (row.dataset, len(batches), row.train_s)
 
 
-def test_a_preset_reruns_its_trial(quickstart, tmp_path):
+def test_a_preset_reruns_its_trial(quickstart, report):
     """The analysis picks best_quality from the sweep; the preset alone, run by the trial CLI, gives its numbers."""
     experiment, _ = quickstart
-    report = tmp_path / "report"
-    analysis = run_module("tune_lfm.analysis", experiment, "--out", report, timeout=300)
-    assert analysis.returncode == 0, analysis.stderr[-3000:]
     preset = report / "presets" / "best_quality.yaml"
     trial_id = next(line.split()[2].rstrip(".") for line in preset.read_text().splitlines()
                     if line.startswith("# trial_id:"))
@@ -189,11 +196,9 @@ def test_export_adapter_by_trial_id_loads_with_peft_and_bad_input_exits_2(sweep,
     assert full.returncode == 2 and "not empty" in full.stderr
 
 
-def test_presets_name_their_adapter(sweep, tmp_path):
-    directory, trials, _ = sweep
-    out = run_module("tune_lfm.analysis", directory, "--out", tmp_path, "--quiet", timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    preset = (tmp_path / "presets" / "best_quality.yaml").read_text()
+def test_presets_name_their_adapter(sweep, report):
+    _, trials, _ = sweep
+    preset = (report / "presets" / "best_quality.yaml").read_text()
     trial_id = next(line.split()[2] for line in preset.splitlines() if line.startswith("# trial_id:"))
     best = trials.set_index("trial_id").loc[trial_id]
     assert f"# Adapter: {best['adapter_uri']}\n" in preset
