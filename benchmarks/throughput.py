@@ -7,7 +7,8 @@ the work is executed:
 - `plain_trl`: what a user gets from SFTTrainer's defaults: right-padded batches, gradient checkpointing on.
 - `tune_lfm`: what a trial runs: padding-free rows (`tune_lfm.packing.PADDING_FREE_ARGS`) with leak-free LFM2
   packing and variable-length attention, no gradient checkpointing, the lean LM head off CUDA
-  (`tune_lfm.lm_head`), and the micro-batch a trial plans
+  (`tune_lfm.lm_head`), frozen linear layers through oneDNN on the CPU (`tune_lfm.frozen_linear`; not with
+  `--compile`), and the micro-batch a trial plans
   (`tune_lfm.memory.plan_micro_batch`: on a GPU the largest that fits, measured; `--micro-batch N` fixes it), with
   accumulation adjusted so the effective batch is unchanged.
 
@@ -36,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -176,6 +178,7 @@ def run_arm(arm: str, args, examples: list[dict], device) -> dict:
 
     from tune_lfm import metrics
     from tune_lfm.config import TrialConfig
+    from tune_lfm.frozen_linear import linears_on_onednn
     from tune_lfm.lm_head import use_lean_lm_head
     from tune_lfm.memory import memory_budget_gb, plan_micro_batch
     from tune_lfm.optim import build_optimizer
@@ -221,7 +224,9 @@ def run_arm(arm: str, args, examples: list[dict], device) -> dict:
                              processing_class=tokenizer, optimizers=(optimizer, None), callbacks=[clock])
         trainer.remove_callback(PrinterCallback)
         lean_lm_head = arm == "tune_lfm" and use_lean_lm_head(model.get_base_model(), device)
-        trainer.train()
+        onednn = linears_on_onednn(model) if arm == "tune_lfm" and not args.compile else nullcontext(False)
+        with onednn as frozen_linear_onednn:
+            trainer.train()
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     t0, n0 = clock.times[args.warmup_steps - 1], clock.tokens[args.warmup_steps - 1]
     timed_steps = len(clock.times) - args.warmup_steps
@@ -233,7 +238,8 @@ def run_arm(arm: str, args, examples: list[dict], device) -> dict:
             "final_loss": sum(losses[-tail:]) / tail, "losses": losses, "micro_batch": micro_batch,
             "grad_accum": effective // micro_batch, "gradient_checkpointing": config.gradient_checkpointing,
             "padding_free": bool(config.padding_free), "attention": attention, "torch_compile": config.torch_compile,
-            "weights": weights, "precision": "bf16" if bf16 else "fp32", "lean_lm_head": lean_lm_head}
+            "weights": weights, "precision": "bf16" if bf16 else "fp32", "lean_lm_head": lean_lm_head,
+            "frozen_linear_onednn": frozen_linear_onednn}
 
 
 def median_run(runs: list[dict]) -> dict:

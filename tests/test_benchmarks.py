@@ -9,7 +9,7 @@ import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 ARM_KEYS = {"tokens_per_s", "step_s", "peak_mem_gb", "final_loss", "losses", "tokens_seen", "micro_batch",
-            "gradient_checkpointing", "padding_free", "attention", "lean_lm_head"}
+            "gradient_checkpointing", "padding_free", "attention", "lean_lm_head", "frozen_linear_onednn"}
 
 
 def run_benchmark(script: str, *args: str) -> dict:
@@ -29,6 +29,7 @@ def test_throughput_compares_plain_trl_with_the_trial_path_on_the_same_tokens():
     assert plain["gradient_checkpointing"] and not plain["padding_free"]
     assert fast["padding_free"] and not fast["gradient_checkpointing"]
     assert fast["lean_lm_head"] and not plain["lean_lm_head"]  # on the CPU the trial path takes the lean LM head
+    assert fast["frozen_linear_onednn"] and not plain["frozen_linear_onednn"]  # and oneDNN for the frozen layers
     assert report["same_tokens"] and report["losses_agree"]
     assert plain["losses"][0] == pytest.approx(fast["losses"][0], rel=1e-4)
     assert report["speedup"] == pytest.approx(fast["tokens_per_s"] / plain["tokens_per_s"])

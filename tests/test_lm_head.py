@@ -103,3 +103,34 @@ def test_scaled_logits_or_a_half_precision_head_keep_trls_head(tiny_lora_and_bat
         assert not lean_head_applies(causal_lm, torch.device("cpu"))
     finally:
         text_config.final_logit_softcapping = None
+
+
+def test_inside_a_onednn_block_the_trial_pass_runs_there_with_the_same_loss_and_lora_gradients(tiny_lora_and_batch):
+    from torch.profiler import profile
+    from trl.trainer import add_fused_lm_head
+
+    from tune_lfm.forwards import restored_forwards
+    from tune_lfm.frozen_linear import linears_on_onednn
+
+    def onednn_products(pass_):
+        with profile() as recorded:
+            result = pass_()
+        return result, sum(event.count for event in recorded.key_averages() if "_linear_pointwise" in event.key)
+
+    model, batch = tiny_lora_and_batch
+    causal_lm = model.get_base_model()
+    with restored_forwards([causal_lm]):
+        add_fused_lm_head(causal_lm, outputs=("log_probs", "entropy", "is_top1"))
+        assert use_lean_lm_head(causal_lm, torch.device("cpu"))
+        (torch_out, torch_grads), outside = onednn_products(lambda: fused_pass(model, batch))
+        with linears_on_onednn(model) as on_onednn:
+            (onednn_out, onednn_grads), inside = onednn_products(lambda: fused_pass(model, batch))
+    frozen = [m for m in model.modules() if type(m) is torch.nn.Linear and not m.weight.requires_grad]
+    assert on_onednn and outside == 0
+    assert inside >= 2 * len(frozen)  # every frozen layer forward and backward, and the LM head's blocks
+    assert not any("forward" in vars(m) for m in frozen)  # every layer put back
+    torch.testing.assert_close(onednn_out.loss, torch_out.loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(onednn_out.log_probs, torch_out.log_probs, rtol=1e-5, atol=1e-5)
+    assert onednn_grads.keys() == torch_grads.keys()
+    for name, grad in torch_grads.items():
+        torch.testing.assert_close(onednn_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)

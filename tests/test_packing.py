@@ -211,7 +211,7 @@ def test_trial_with_packing_trains_and_measures(leak_free):
                          max_length=192, num_examples=32, eval_examples=8, learning_rate=2e-3)
     result = run_trial(config, log=lambda _: None)
     assert result["status"] == "completed" and result["steps_completed"] == 4 and result["packing_used"]
-    assert result["lm_head_used"] == "lean"  # on the CPU
+    assert result["lm_head_used"] == "lean" and result["frozen_linear_used"] == "onednn"  # on the CPU
     assert all(math.isfinite(result[key]) for key in ("train_loss", "eval_loss", "base_loss", "kl", "tokens_per_s"))
     assert result["tokens_trained"] > 0
 

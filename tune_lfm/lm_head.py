@@ -21,6 +21,8 @@ import types
 
 import torch
 
+from .frozen_linear import weight_product, weight_t_product
+
 TOKENS_PER_BLOCK = 64
 """Tokens whose logits are held at once: 64 x 65,536 fp32 logits are 16 MiB, inside a server CPU's last-level cache."""
 
@@ -40,7 +42,7 @@ class LeanLogProbs(torch.autograd.Function):
         log_z = torch.empty_like(log_probs)
         for start in range(0, n, TOKENS_PER_BLOCK):
             rows = slice(start, start + TOKENS_PER_BLOCK)
-            z = (hidden[rows] @ weight.t()).float()
+            z = weight_product(hidden[rows], weight).float()
             peak, first_argmax = z.max(-1)
             target = targets[rows].unsqueeze(-1)
             is_top1[rows] = first_argmax == targets[rows]
@@ -68,10 +70,10 @@ class LeanLogProbs(torch.autograd.Function):
             block = hidden[rows]
             grad = grad_log_probs[rows].float().unsqueeze(-1)
             # d log p(target) / d z_j = 1[j = target] - p_j, times the incoming gradient
-            dz = (block @ weight.t()).float().sub_(log_z[rows].unsqueeze(-1)).exp_().mul_(-grad)
+            dz = weight_product(block, weight).float().sub_(log_z[rows].unsqueeze(-1)).exp_().mul_(-grad)
             dz.scatter_add_(-1, targets[rows].unsqueeze(-1), grad)
             if needs_hidden:
-                grad_hidden[rows] = dz @ weight.float()
+                grad_hidden[rows] = weight_t_product(dz, weight.float())
             if needs_weight:
                 grad_weight.addmm_(dz.t(), block.float())
         return (grad_hidden.to(hidden.dtype) if needs_hidden else None,

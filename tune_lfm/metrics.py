@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .data.tokens import IGNORE_INDEX
+from .frozen_linear import measured_on_onednn
 
 SCORED_CHUNK = 1024
 """Scored positions per LM-head call (bounds memory at chunk x vocab floats)."""
@@ -168,6 +169,7 @@ def _conversation_sums(model, examples: list[dict], batch_size: int, pad_token_i
     return sums.totals()
 
 
+@measured_on_onednn
 def heldout_measures(model, examples: list[dict], batch_size: int, pad_token_id: int, device) -> dict[str, float]:
     """eval_loss (adapter on) and base_loss (adapter off) on the held-out rows, their difference `improvement`, and
     standard errors over conversations; improvement's is paired (the same rows both ways), so it is far smaller
@@ -178,6 +180,7 @@ def heldout_measures(model, examples: list[dict], batch_size: int, pad_token_id:
             **_summary("improvement", sums["base"] - sums["tuned"], n), "eval_rows": int((n > 0).sum().item())}
 
 
+@measured_on_onednn
 def probe_measures(model, examples: list[dict], batch_size: int, pad_token_id: int, device) -> dict[str, float]:
     """On the probe set, the same for every trial of a model: KL from the base model (mean, 95th percentile of
     tokens, standard error over conversations) and the tuned and base losses there, a common basis for comparing

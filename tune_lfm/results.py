@@ -28,7 +28,7 @@ TRIAL_COLUMNS = [
     "hub_rank_corr", "hub_topk_jaccard", "tokens_trained", "tokens_per_s", "train_s", "prepare_s", "load_s", "eval_s",
     "wall_s", "peak_mem_gb", "adapter_uri", "adapter_bytes", "resumed_from_step",
     "rows_skipped", "rows_dropped", "train_rows", "steps_completed", "data_source_used", "device", "precision_used",
-    "packing_used", "micro_batch_used", "gradient_checkpointing_used", "lm_head_used",
+    "packing_used", "micro_batch_used", "gradient_checkpointing_used", "lm_head_used", "frozen_linear_used",
     "node_id", "hostname", "gpu_name", "started_at", "finished_at",
 ]
 """Leading columns, always present (NaN/None where not measured); the rest of the flattened config follows."""

@@ -9,6 +9,7 @@ KL from the base model on the probe set, and speed. `run_trial(config)` returns 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -321,6 +322,7 @@ def run_trial(config: TrialConfig, reporter: Reporter | None = None, save_adapte
     from trl import SFTTrainer
 
     from . import metrics
+    from .frozen_linear import linears_on_onednn
     from .lm_head import use_lean_lm_head
     from .memory import memory_budget_gb, plan_micro_batch
     from .models import load_tokenizer, resolve_model
@@ -349,7 +351,8 @@ def run_trial(config: TrialConfig, reporter: Reporter | None = None, save_adapte
     recorder = _step_recorder(reporter, resume.history if resume else [])
     callbacks = [recorder, _checkpoint_forwarder(resume, recorder)] if resume else [recorder]
     optimizer = build_optimizer(config.optimizer, model.parameters(), config.learning_rate, config.weight_decay)
-    with tempfile.TemporaryDirectory(prefix="tune_lfm_trial_") as output_dir:
+    onednn = contextlib.nullcontext(False) if config.torch_compile else linears_on_onednn(model)
+    with onednn as on_onednn, tempfile.TemporaryDirectory(prefix="tune_lfm_trial_") as output_dir:
         trainer = SFTTrainer(model=model, args=_sft_config(config, plan, packing, output_dir, bf16,
                                                            resume.every if resume else None),
                              train_dataset=Dataset.from_list(data.train), processing_class=tokenizer,
@@ -357,17 +360,16 @@ def run_trial(config: TrialConfig, reporter: Reporter | None = None, save_adapte
         trainer.remove_callback(PrinterCallback)  # it prints log dicts to stdout, where our JSON goes
         lm_head = "lean" if use_lean_lm_head(model.get_base_model(), device) else "trl"
         trainer.train(resume_from_checkpoint=resume.start if resume else None)
-    prepare_for_eval(optimizer)
-    model.eval()
-    eval_start = time.perf_counter()
-    log(f"[tune_lfm] trained {trainer.state.global_step} steps in {recorder.finished - recorder.started:.0f} s; "
-        f"measuring held-out loss on {len(data.eval)} conversations (adapter on and off), KL on the "
-        f"{len(data.probe)} probe conversations, then the hub check")
-
-    pad = tokenizer.pad_token_id
-    heldout = metrics.heldout_measures(model, data.eval, config.kl_batch_size, pad, device)
-    probe, hub = probe_and_hub_measures(model, tokenizer, data.probe, config, device, log)
-    eval_s = time.perf_counter() - eval_start
+        prepare_for_eval(optimizer)
+        model.eval()
+        eval_start = time.perf_counter()
+        log(f"[tune_lfm] trained {trainer.state.global_step} steps in {recorder.finished - recorder.started:.0f} s; "
+            f"measuring held-out loss on {len(data.eval)} conversations (adapter on and off), KL on the "
+            f"{len(data.probe)} probe conversations, then the hub check")
+        pad = tokenizer.pad_token_id
+        heldout = metrics.heldout_measures(model, data.eval, config.kl_batch_size, pad, device)
+        probe, hub = probe_and_hub_measures(model, tokenizer, data.probe, config, device, log)
+        eval_s = time.perf_counter() - eval_start
     adapter_error = None
     if save_adapter:
         try:
@@ -391,7 +393,7 @@ def run_trial(config: TrialConfig, reporter: Reporter | None = None, save_adapte
         "rows_skipped": data.rows_skipped, "rows_dropped": data.rows_dropped, "train_rows": len(data.train),
         "data_source_used": data.source, "model_kind": ref.kind, "device": str(device), "packing_used": packing,
         "micro_batch_used": plan.micro_batch, "gradient_checkpointing_used": plan.gradient_checkpointing,
-        "lm_head_used": lm_head,
+        "lm_head_used": lm_head, "frozen_linear_used": "onednn" if on_onednn else "torch",
         "precision_used": "bf16" if bf16 else "fp32", "history": recorder.history,
     }
     if save_adapter:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from .. import metrics
 from ..forwards import restored_forwards
+from ..frozen_linear import measured_on_onednn
 from ..data.tokens import IGNORE_INDEX
 from ..layers import decoder_layers
 
@@ -152,6 +153,7 @@ that computes that pass's next-token NLL at every scored position anyway returns
 
 
 @torch.no_grad()
+@measured_on_onednn
 def measure(model, examples: list[dict], batch_size: int, pad_token_id: int, device,
             progress: Callable[[str], None] | None = None, on_full_pass: FullPassHook | None = None) -> ProbeSums:
     """Run the probe once as is (recording every layer's input/output cosine and output) and once per skipped layer.
