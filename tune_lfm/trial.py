@@ -323,12 +323,14 @@ def run_trial(config: TrialConfig, reporter: Reporter | None = None, save_adapte
 
     from . import metrics
     from .frozen_linear import linears_on_onednn
+    from .heap import keep_freed_memory
     from .lm_head import use_lean_lm_head
     from .memory import memory_budget_gb, plan_micro_batch
     from .models import load_tokenizer, resolve_model
     from .optim import build_optimizer, prepare_for_eval
 
     wall_start = time.perf_counter()
+    keep_freed_memory()
     set_seed(config.seed)
     device = select_device()
     bf16 = use_bf16(config, device)

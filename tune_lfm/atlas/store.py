@@ -29,6 +29,7 @@ import torch
 from ..cache import cache_folder, key_digest, write_atomically
 from ..config import ConfigError
 from ..data.probe import PROBE_MAX_LENGTH
+from ..heap import keep_freed_memory
 from ..metrics import adapter_disabled
 from ..layers import layer_types_of
 from .ranking import DEFAULT_K, check_selection, combine, default_quota, select_hubs, spearman
@@ -183,6 +184,7 @@ def compute_atlas(model, tokenizer, model_name: str, weights: str, k: int, quota
     from ..data.probe import PROBE_VERSION, probe_fingerprint
 
     started = time.perf_counter()
+    keep_freed_memory()
     layer_types = layer_types_of(model.config)
     examples = probe_examples(tokenizer, max_length)
     base_hidden = []
