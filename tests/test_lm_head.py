@@ -4,10 +4,13 @@ gradients, checked against plain full-logit arithmetic and against TRL's own hea
 import pytest
 import torch
 
+from tune_lfm import lm_head
 from tune_lfm.lm_head import TOKENS_PER_BLOCK, LeanLogProbs, lean_head_applies, use_lean_lm_head
 
 
-def test_log_probs_entropy_top1_and_gradients_equal_full_logits():
+@pytest.mark.parametrize("kept_bytes", [lm_head.KEPT_PROBABILITIES_BYTES, 0], ids=["kept", "recomputed"])
+def test_log_probs_entropy_top1_and_gradients_equal_full_logits(kept_bytes, monkeypatch):
+    monkeypatch.setattr(lm_head, "KEPT_PROBABILITIES_BYTES", kept_bytes)
     torch.manual_seed(0)
     n, hidden_size, vocab = 3 * TOKENS_PER_BLOCK + 5, 16, 300  # a partial last block
     hidden = torch.randn(n, hidden_size, dtype=torch.float64, requires_grad=True)

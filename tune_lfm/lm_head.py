@@ -9,9 +9,10 @@ included. With LFM2's 65,536-token vocabulary that was half of a tiny trial's tr
 
 `use_lean_lm_head` keeps TRL's contract (`model(..., fused_lm_head=True)` returns TRL's `FusedCausalLMOutput` with
 the same loss, `log_probs`, `entropy`, `is_top1` and `label_mask`) and replaces only the arithmetic: labelled
-positions only, in blocks of tokens whose logits stay in cache, in place, with each block's logits recomputed in the
-backward pass as TRL does. `entropy` and `is_top1` are metrics here and carry no gradient. Models whose logits are
-scaled, soft-capped or biased, half-precision heads, MoE models, and pre-shifted labels keep TRL's head.
+positions only, in blocks of tokens whose logits stay in cache, in place; the backward pass reuses each block's
+probabilities where they fit `KEPT_PROBABILITIES_BYTES` and otherwise recomputes the block's logits as TRL does.
+`entropy` and `is_top1` are metrics here and carry no gradient. Models whose logits are scaled, soft-capped or
+biased, half-precision heads, MoE models, and pre-shifted labels keep TRL's head.
 """
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ from .frozen_linear import weight_product, weight_t_product
 
 TOKENS_PER_BLOCK = 64
 """Tokens whose logits are held at once: 64 x 65,536 fp32 logits are 16 MiB, inside a server CPU's last-level cache."""
+
+KEPT_PROBABILITIES_BYTES = 256 * 2**20
+"""Up to this size (tokens x vocabulary fp32), the forward pass keeps each block's probabilities for the backward pass
+instead of the backward recomputing the block's logits: a tiny trial's 2,048-token row holds 32 MiB; with LFM2.5's
+65,536-token vocabulary, 1,024 labelled tokens already fill the budget and the logits are recomputed."""
 
 SCALED_LOGITS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
 
@@ -40,6 +46,8 @@ class LeanLogProbs(torch.autograd.Function):
         entropy = torch.empty_like(log_probs)
         is_top1 = torch.empty(n, dtype=torch.bool, device=hidden.device)
         log_z = torch.empty_like(log_probs)
+        keep = n * weight.shape[0] * 4 <= KEPT_PROBABILITIES_BYTES
+        ctx.probabilities = []
         for start in range(0, n, TOKENS_PER_BLOCK):
             rows = slice(start, start + TOKENS_PER_BLOCK)
             z = weight_product(hidden[rows], weight).float()
@@ -50,11 +58,13 @@ class LeanLogProbs(torch.autograd.Function):
             target_z = z.gather(-1, target).squeeze(-1)
             p = torch.exp(z)
             total = p.sum(-1)
-            expected_z = p.mul_(z).sum(-1) / total  # entropy = log(total) - E_p[z], on shifted logits
+            expected_z = torch.linalg.vecdot(p, z) / total  # entropy = log(total) - E_p[z], on shifted logits
             log_total = torch.log(total)
             log_probs[rows] = target_z - log_total
             entropy[rows] = log_total - expected_z
             log_z[rows] = peak + log_total
+            if keep:
+                ctx.probabilities.append(p.div_(total.unsqueeze(-1)))
         ctx.save_for_backward(hidden, weight, targets, log_z)
         ctx.mark_non_differentiable(entropy, is_top1)
         return log_probs, entropy, is_top1
@@ -65,12 +75,15 @@ class LeanLogProbs(torch.autograd.Function):
         needs_hidden, needs_weight = ctx.needs_input_grad[:2]
         grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if needs_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_weight else None
-        for start in range(0, hidden.shape[0], TOKENS_PER_BLOCK):
+        for index, start in enumerate(range(0, hidden.shape[0], TOKENS_PER_BLOCK)):
             rows = slice(start, start + TOKENS_PER_BLOCK)
             block = hidden[rows]
             grad = grad_log_probs[rows].float().unsqueeze(-1)
             # d log p(target) / d z_j = 1[j = target] - p_j, times the incoming gradient
-            dz = weight_product(block, weight).float().sub_(log_z[rows].unsqueeze(-1)).exp_().mul_(-grad)
+            if ctx.probabilities:
+                dz = ctx.probabilities[index] * -grad
+            else:
+                dz = weight_product(block, weight).float().sub_(log_z[rows].unsqueeze(-1)).exp_().mul_(-grad)
             dz.scatter_add_(-1, targets[rows].unsqueeze(-1), grad)
             if needs_hidden:
                 grad_hidden[rows] = weight_t_product(dz, weight.float())
