@@ -95,8 +95,8 @@ def onednn_products_work() -> bool:
 
 
 def _linears(model, frozen_only: bool) -> list[torch.nn.Linear]:
-    """The model's plain fp32 CPU linear layers not yet in a block: those whose weight (and bias) no optimizer
-    updates, or all of them; each weight once (a tied LM head shares the embedding's)."""
+    """The model's plain fp32 CPU linear layers whose weight (and bias) no optimizer updates, or all of them, leaving
+    out those an enclosing block already put on oneDNN."""
     return [module for module in model.modules() if type(module) is torch.nn.Linear
             and module.weight.dtype == torch.float32 and module.weight.device.type == "cpu"
             and not (frozen_only and any(p is not None and p.requires_grad for p in (module.weight, module.bias)))

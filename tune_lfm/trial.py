@@ -362,16 +362,17 @@ def run_trial(config: TrialConfig, reporter: Reporter | None = None, save_adapte
         trainer.remove_callback(PrinterCallback)  # it prints log dicts to stdout, where our JSON goes
         lm_head = "lean" if use_lean_lm_head(model.get_base_model(), device) else "trl"
         trainer.train(resume_from_checkpoint=resume.start if resume else None)
-        prepare_for_eval(optimizer)
-        model.eval()
-        eval_start = time.perf_counter()
-        log(f"[tune_lfm] trained {trainer.state.global_step} steps in {recorder.finished - recorder.started:.0f} s; "
-            f"measuring held-out loss on {len(data.eval)} conversations (adapter on and off), KL on the "
-            f"{len(data.probe)} probe conversations, then the hub check")
-        pad = tokenizer.pad_token_id
-        heldout = metrics.heldout_measures(model, data.eval, config.kl_batch_size, pad, device)
-        probe, hub = probe_and_hub_measures(model, tokenizer, data.probe, config, device, log)
-        eval_s = time.perf_counter() - eval_start
+    prepare_for_eval(optimizer)
+    model.eval()
+    eval_start = time.perf_counter()
+    log(f"[tune_lfm] trained {trainer.state.global_step} steps in {recorder.finished - recorder.started:.0f} s; "
+        f"measuring held-out loss on {len(data.eval)} conversations (adapter on and off), KL on the "
+        f"{len(data.probe)} probe conversations, then the hub check")
+
+    pad = tokenizer.pad_token_id
+    heldout = metrics.heldout_measures(model, data.eval, config.kl_batch_size, pad, device)
+    probe, hub = probe_and_hub_measures(model, tokenizer, data.probe, config, device, log)
+    eval_s = time.perf_counter() - eval_start
     adapter_error = None
     if save_adapter:
         try:
