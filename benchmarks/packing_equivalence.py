@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.throughput import load_model_and_tokenizer  # noqa: E402
 from tune_lfm import packing  # noqa: E402
+from tune_lfm.teardown import skip_collection_at_exit  # noqa: E402
 
 RELATIVE_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 5e-2}
 """Largest |logit| difference accepted between packed and alone, as a share of the largest |logit|: packed rows and
@@ -88,6 +89,7 @@ def model_check(name: str, dtype, attention: str, device, lengths: list[int]) ->
 
 
 def main(argv=None) -> int:
+    skip_collection_at_exit()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="tiny-lfm2")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")

@@ -44,6 +44,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.json_report import emit  # noqa: E402
+from tune_lfm.teardown import skip_collection_at_exit  # noqa: E402
 
 ARMS = ("plain_trl", "tune_lfm")
 LENGTH_MEDIAN = 350
@@ -303,6 +304,7 @@ def environment(device) -> dict:
 
 
 def main(argv=None) -> int:
+    skip_collection_at_exit()
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     import torch

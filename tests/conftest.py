@@ -9,6 +9,7 @@ worker is left with a long file at the end.
 import os
 import tempfile
 
+from tune_lfm.teardown import skip_collection_at_exit
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -16,6 +17,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # two workers on two cores: more torch threads only oversubscribe
 os.environ["TUNE_LFM_CACHE"] = tempfile.mkdtemp(prefix="tune_lfm_test_cache_")
+skip_collection_at_exit()  # the workers hold the training stack too; they end with the suite
 
 
 LONGEST_FIRST = ("test_quickstart", "test_cluster", "test_hub_rehearsal", "test_s3_storage", "test_recovery",

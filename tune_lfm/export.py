@@ -21,6 +21,7 @@ from typing import Any, Sequence
 
 from .checkpoints import TRIAL_FILE, relative_adapter_path
 from .config import ConfigError
+from .teardown import skip_collection_at_exit
 
 PRESETS = ("best_quality", "best_efficiency", "most_surgical")
 CARD_METRICS = ("train_loss", "eval_loss", "base_loss", "kl", "kl_p95", "trainable_params", "hub_preserved",
@@ -169,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    skip_collection_at_exit()
     from .analysis.schema import AnalysisError
     from .models import ModelNotFoundError
 

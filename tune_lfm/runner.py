@@ -28,6 +28,7 @@ from .interrupts import Interrupts
 from .planning import Plan, heaviest, longest_first, with_hub_layers
 from .results import ExperimentRecord, StorageError
 from .spaces import PlannedTrial, Sweep, config_id, scale_metadata, scaled_config
+from .teardown import skip_collection_at_exit
 from .trackers import tracker_callbacks
 
 
@@ -197,6 +198,7 @@ class StepBatches:
 
 def trainable(params: dict[str, Any]) -> None:
     """Ray Tune function trainable: one trial, step metrics while it trains (`StepBatches`), then the full result."""
+    skip_collection_at_exit()  # this worker process exits without collecting the stack it imported
     import ray
     from ray import tune
 

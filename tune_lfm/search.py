@@ -22,6 +22,7 @@ from .models import ModelNotFoundError
 from .planning import SCALES, make_plan, parse_overrides, resolve_scale
 from .results import ExperimentRecord, StorageError, check_writable, experiment_exists
 from .spaces import Sweep, load_sweep
+from .teardown import skip_collection_at_exit
 from .trackers import TRACKERS, check_trackers_installed
 
 DEFAULT_STORAGE = "tune_lfm_results"
@@ -158,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    skip_collection_at_exit()
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     args.argv = argv

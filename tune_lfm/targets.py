@@ -20,6 +20,7 @@ import yaml
 
 from .config import ConfigError
 from .layers import Layout
+from .teardown import skip_collection_at_exit
 
 MIXER = ["q_proj", "k_proj", "v_proj", "out_proj", "in_proj"]
 """LFM2's token-mixer projections: attention q/k/v/out and the short convolution's in/out (conv.conv is a Conv1d)."""
@@ -185,6 +186,7 @@ def parse_layers_arg(text: str, flag: str = "--hub-layers") -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    skip_collection_at_exit()
     parser = argparse.ArgumentParser(prog="python -m tune_lfm.targets", description="How big is this LoRA adapter?")
     parser.add_argument("--model", default="LiquidAI/LFM2.5-230M")
     parser.add_argument("--targets", default="hub_all", help=f"preset ({', '.join(TARGET_PRESETS)}) or inline spec")

@@ -26,6 +26,7 @@ from .config import (FIELD_NAMES, FIELD_TYPES, ConfigError, TrialConfig, config_
 from .progress import StepProgress
 from .spaces import scale_metadata, scaled_config
 from .targets import ResolvedTargets, parse_layers_arg, parse_targets_arg
+from .teardown import skip_collection_at_exit
 from .validate import check_output_dir, check_trial
 
 if TYPE_CHECKING:
@@ -451,6 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    skip_collection_at_exit()
     parser = build_parser()
     args = parser.parse_args(argv)
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from ..teardown import skip_collection_at_exit
 from .pareto import DEFAULT_FRONTS, front_name, parse_objectives
 from .pipeline import Settings, analyse, default_output, printable, write_outputs
 from .presets import PresetRules
@@ -60,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    skip_collection_at_exit()
     args = build_parser().parse_args(argv)
     try:
         fronts = tuple(parse_objectives(s) for s in args.objectives) if args.objectives else DEFAULT_FRONTS

@@ -7,6 +7,7 @@ import json
 import sys
 
 from ..config import ConfigError
+from ..teardown import skip_collection_at_exit
 from .preservation import MIN_RANK_CORR, MIN_TOPK_JACCARD, compare, tuned_scores
 from .ranking import DEFAULT_K, combine, parse_quota
 from .scores import METHODS
@@ -71,6 +72,7 @@ def _table(atlas: Atlas, tuned: dict[str, list[float]] | None, tuned_combined: l
 
 
 def main(argv: list[str] | None = None) -> int:
+    skip_collection_at_exit()
     args = build_parser().parse_args(argv)
     log = lambda line: print(line, file=sys.stderr)  # noqa: E731 - stdout is for the result
     try:
