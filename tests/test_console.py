@@ -39,6 +39,7 @@ def test_a_finished_trial_is_one_line_and_a_failed_one_says_why():
     assert trial_line(rows[0], ["dataset"]) == ("a  dataset=alpaca  completed  eval 2.1000±0.0100  "
                                                 "gain 0.3000±0.0200  kl 0.2000±0.0050  61 s")
     assert trial_line(rows[1], ["dataset"]).endswith("failed: CUDA out of memory")
+    assert trial_line(rows[0], []).startswith("a  completed  eval")  # a sweep of one trial: nothing varies
 
 
 class Terminal:

@@ -53,7 +53,8 @@ def sweep(tmp_path_factory):
                           "--scale", "tiny"], capture_output=True, text=True, timeout=600,
                          env={**ENV, "TUNE_LFM_FAULTS": faults})
     assert out.returncode == 0, out.stderr[-3000:]
-    return {"out": out, "ids": ids, "trials": pd.read_parquet(tmp / "exp" / "trials.parquet").set_index("trial_id"),
+    return {"out": out, "ids": ids, "dir": tmp / "exp",
+            "trials": pd.read_parquet(tmp / "exp" / "trials.parquet").set_index("trial_id"),
             "history": pd.read_parquet(tmp / "exp" / "history.parquet")}
 
 
@@ -100,3 +101,13 @@ def test_longest_trials_start_first_and_rows_say_how_trials_ran(sweep):
     assert ran["packing_used"].all() and (ran["micro_batch_used"] == 4).all()
     assert not ran["gradient_checkpointing_used"].any() and (ran["gpus_per_trial"] == 0).all()
     assert (ran["lm_head_used"] == "lean").all()  # the CPU path, recorded in trials.parquet
+
+
+def test_trial_directories_hold_tunes_result_json_and_nothing_unasked(sweep):
+    """Without --log tensorboard no event files; no progress.csv beside trials.parquet; and no warning from Ray or
+    Tune on the console (Tune's automatic TensorBoard logger warned at every batch of step rows)."""
+    trial_dirs = [path for path in sweep["dir"].iterdir() if (path / "params.json").is_file()]
+    assert len(trial_dirs) == len(DRILLS)
+    assert all((path / "result.json").is_file() for path in trial_dirs)
+    assert not list(sweep["dir"].rglob("events.out.tfevents.*")) and not list(sweep["dir"].rglob("progress.csv"))
+    assert "WARNING" not in sweep["out"].stderr, sweep["out"].stderr[-3000:]

@@ -149,13 +149,10 @@ def _with_error(row: dict[str, Any], metric: str) -> str:
     return f"{value:.4f}±{error:.4f}"
 
 
-def trial_label(row: dict[str, Any], varied: list[str]) -> str:
-    return " ".join(f"{name}={row.get(name)}" for name in varied) or str(row.get("trial_id"))
-
-
 def trial_line(row: dict[str, Any], varied: list[str]) -> str:
-    """One finished trial: its id, what varies, status and the numbers that rank it."""
-    head = f"{row['trial_id']}  {trial_label(row, varied)}  {row.get('status')}"
+    """One finished trial: its id, what varies (if anything does), status and the numbers that rank it."""
+    settings = " ".join(f"{name}={row.get(name)}" for name in varied)
+    head = "  ".join(part for part in (row["trial_id"], settings, str(row.get("status"))) if part)
     if row.get("status") == "failed":
         return f"{head}: {str(row.get('error'))[:160]}"
     return (f"{head}  eval {_with_error(row, 'eval_loss')}  gain {_with_error(row, 'improvement')}  "

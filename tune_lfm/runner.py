@@ -9,8 +9,10 @@ run, or joined at the address given.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import socket
@@ -421,8 +423,6 @@ def connect_ray(address: str | None, verbose: bool = False):
     dashboard's metrics exporter) listen on every interface. Ray's single-machine mode, the one it uses on macOS and
     Windows, gives the node 127.0.0.1 and binds every server there; a local sweep needs nothing more.
     """
-    import logging
-
     import ray
 
     quiet = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING}
@@ -438,12 +438,30 @@ def connect_ray(address: str | None, verbose: bool = False):
         try:
             # Ray would start an idle worker per CPU for the first driver; trial actors start their own workers and
             # never take those, which only cost a CPU-second at every start.
-            ray.init(_node_ip_address=LOOPBACK, include_dashboard=False, dashboard_host=LOOPBACK,
-                     _system_config={"prestart_worker_first_driver": False}, **quiet)
+            with _quiet_logger(AUTH_LOGGER, not verbose):  # its warning that Ray turned token auth on, as it should
+                ray.init(_node_ip_address=LOOPBACK, include_dashboard=False, dashboard_host=LOOPBACK,
+                         _system_config={"prestart_worker_first_driver": False}, **quiet)
         finally:  # the processes have started; the rest of this process is unchanged
             ray_constants.ENABLE_RAY_CLUSTER = True
             os.environ.pop(variable) if before is None else os.environ.update({variable: before})
     return ray.cluster_resources()
+
+
+AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+"""Ray's logger that announces, at every local start, the token authentication it enables by default."""
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str, quiet: bool):
+    """Logger `name` passes errors only inside the block (when `quiet`)."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    if quiet:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def refuse_local_storage_on_cluster(storage: str) -> None:
@@ -480,6 +498,7 @@ def _skip_callback_usage_tag() -> None:
 def run_plan(plan: Plan, launch: Launch, interrupts: Interrupts) -> None:
     """Run the plan's trials not yet finished on Ray Tune (already connected), then prune adapters as asked."""
     from ray import tune
+    from ray.tune.logger import JsonLoggerCallback
 
     cpus = plan.sweep.resources.cpus(plan.scale)
     gpus = launch.gpus_per_trial if launch.gpus_per_trial is not None else plan.sweep.resources.gpus_per_trial
@@ -510,8 +529,12 @@ def run_plan(plan: Plan, launch: Launch, interrupts: Interrupts) -> None:
                                 plan.total, varied, live, stopping=lambda: interrupts.received is not None)
     trackers = tracker_callbacks(launch.trackers, launch.experiment_dir, launch.name, plan.sweep.name, log)
     storage_path = launch.storage if "://" in launch.storage else os.path.abspath(launch.storage)
+    # Of Tune's own loggers only result.json (its record of each trial's reports): trials.parquet and history.parquet
+    # hold what progress.csv would, and TensorBoard files come with --log tensorboard (Tune's automatic logger would
+    # write them unasked and warn at every step batch, which it cannot draw).
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     run_config = tune.RunConfig(name=launch.name, storage_path=storage_path, verbose=1 if launch.verbose else 0,
-                                callbacks=[callback, *trackers],
+                                callbacks=[callback, JsonLoggerCallback(), *trackers],
                                 failure_config=tune.FailureConfig(max_failures=plan.sweep.max_failures),
                                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
     _keep_credentials_out_of_trial_runtime_envs()
