@@ -438,7 +438,8 @@ def connect_ray(address: str | None, verbose: bool = False):
         try:
             # Ray would start an idle worker per CPU for the first driver; trial actors start their own workers and
             # never take those, which only cost a CPU-second at every start.
-            with _quiet_logger(AUTH_LOGGER, not verbose):  # its warning that Ray turned token auth on, as it should
+            # Ray's notice that it turned token authentication on, which is as it should be
+            with contextlib.nullcontext() if verbose else _errors_only(AUTH_LOGGER):
                 ray.init(_node_ip_address=LOOPBACK, include_dashboard=False, dashboard_host=LOOPBACK,
                          _system_config={"prestart_worker_first_driver": False}, **quiet)
         finally:  # the processes have started; the rest of this process is unchanged
@@ -452,12 +453,11 @@ AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 
 
 @contextlib.contextmanager
-def _quiet_logger(name: str, quiet: bool):
-    """Logger `name` passes errors only inside the block (when `quiet`)."""
+def _errors_only(name: str):
+    """Logger `name` passes errors only inside the block."""
     logger = logging.getLogger(name)
     level = logger.level
-    if quiet:
-        logger.setLevel(logging.ERROR)
+    logger.setLevel(logging.ERROR)
     try:
         yield
     finally:
