@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from cli import warnings_on
 
 from tune_lfm.planning import with_hub_layers
 from tune_lfm.spaces import load_sweep, plan_trials
@@ -105,9 +106,10 @@ def test_longest_trials_start_first_and_rows_say_how_trials_ran(sweep):
 
 def test_trial_directories_hold_tunes_result_json_and_nothing_unasked(sweep):
     """Without --log tensorboard no event files; no progress.csv beside trials.parquet; and no warning from Ray or
-    Tune on the console (Tune's automatic TensorBoard logger warned at every batch of step rows)."""
+    Tune on the console (Tune's automatic TensorBoard logger warned at every batch of step rows) but, on a busy
+    machine, the one slow-callback notice the quiet console keeps."""
     trial_dirs = [path for path in sweep["dir"].iterdir() if (path / "params.json").is_file()]
     assert len(trial_dirs) == len(DRILLS)
     assert all((path / "result.json").is_file() for path in trial_dirs)
     assert not list(sweep["dir"].rglob("events.out.tfevents.*")) and not list(sweep["dir"].rglob("progress.csv"))
-    assert "WARNING" not in sweep["out"].stderr, sweep["out"].stderr[-3000:]
+    assert not warnings_on(sweep["out"].stderr), sweep["out"].stderr[-3000:]
