@@ -21,9 +21,9 @@ skip_collection_at_exit()  # the workers hold the training stack too; they end w
 
 
 HAND_OUT_ORDER = ("test_quickstart", "test_s3_storage", "test_recovery", "test_artifacts", "test_interrupts",
-                 "test_hub_rehearsal", "test_cluster", "test_benchmarks", "test_trial", "test_analysis", "test_atlas",
-                 "test_spaces", "test_metrics", "test_lock", "test_validation", "test_packing", "test_memory",
-                 "test_search", "test_targets")
+                  "test_hub_rehearsal", "test_cluster", "test_benchmarks", "test_trial", "test_analysis", "test_atlas",
+                  "test_spaces", "test_metrics", "test_lock", "test_validation", "test_packing", "test_memory",
+                  "test_search", "test_targets")
 """The order files are handed out in (times from `pytest --durations=0`): the slow ones, which start Ray or train
 many trials, lead, and every other file takes a second or two, so the last ones handed out are short and both workers
 finish together. The README's job (two trials at a time: both cores) goes to one worker while the other runs the
