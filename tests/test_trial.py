@@ -12,6 +12,7 @@ from tune_lfm import metrics
 from tune_lfm.config import TrialConfig
 from tune_lfm.models import load_model, load_tokenizer, resolve_model
 from tune_lfm.trial import attach_lora, prepare_data, run_trial
+from tune_lfm.trial import main as trial_main
 
 QUICK = dict(model="tiny-lfm2", max_steps=6, batch_size=4, grad_accum=1, max_length=192, num_examples=48,
              eval_examples=16, learning_rate=2e-3, logging_steps=1)
@@ -61,18 +62,19 @@ def test_non_finite_loss_ends_as_diverged_with_partial_metrics():
     assert result["steps_completed"] < 6 and result["history"]
 
 
-def test_cli_end_to_end_prints_every_metric(tmp_path):
+def test_cli_end_to_end_prints_every_metric(tmp_path, capsys):
+    """The trial CLI's main in this process (the quickstart's preset rerun runs it as `python -m tune_lfm.trial`)."""
     adapter = tmp_path / "adapter"
-    out = subprocess.run([sys.executable, "-m", "tune_lfm.trial", "--model", "tiny-lfm2", "--dataset", "gsm8k",
-                          "--steps", "3", "--max-length", "192", "--save-adapter", str(adapter)],
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    result = json.loads(out.stdout)
+    code = trial_main(["--model", "tiny-lfm2", "--dataset", "gsm8k", "--steps", "3", "--max-length", "192",
+                       "--save-adapter", str(adapter)])
+    out = capsys.readouterr()
+    assert code == 0, out.err[-2000:]
+    result = json.loads(out.out)
     assert RESULT_KEYS <= result.keys()
     assert result["trainable_params"] == 26_624 and result["data_source_used"] == "embedded"
     assert all(math.isfinite(result[key]) for key in ("train_loss", "eval_loss", "base_loss", "kl"))
     assert (adapter / "adapter_config.json").is_file()
-    assert "EMBEDDED" in out.stderr and "step 3/3  loss" in out.stderr
+    assert "EMBEDDED" in out.err and "step 3/3  loss" in out.err
 
 
 def test_cli_rejects_unknown_dataset_with_the_known_names():

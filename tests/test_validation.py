@@ -3,8 +3,6 @@ flag or file, the key and what is allowed, no traceback, and nothing written to 
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -130,14 +128,14 @@ def test_save_adapter_under_a_file_is_refused_before_training(weightless_model, 
 
 
 @pytest.mark.slow
-def test_a_failed_save_still_prints_the_result(tmp_path):
+def test_a_failed_save_still_prints_the_result(tmp_path, capsys):
     adapter = tmp_path / "adapter"
     (adapter / "adapter_config.json").mkdir(parents=True)  # the save itself fails, after training and measuring
-    out = subprocess.run([sys.executable, "-m", "tune_lfm.trial", "--model", "tiny-lfm2", "--dataset", "alpaca",
-                          "--steps", "2", "--max-length", "128", "--num-examples", "16", "--save-adapter",
-                          str(adapter)], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 1, out.stderr[-2000:]
-    result = json.loads(out.stdout)
+    code = trial.main(["--model", "tiny-lfm2", "--dataset", "alpaca", "--steps", "2", "--max-length", "128",
+                       "--num-examples", "16", "--save-adapter", str(adapter)])
+    out = capsys.readouterr()
+    assert code == 1, out.err[-2000:]
+    result = json.loads(out.out)
     assert result["status"] == "completed" and result["steps_completed"] == 2
     assert "could not save the adapter" in result["adapter_error"]
-    assert "error: could not save the adapter" in out.stderr and "Traceback" not in out.stderr
+    assert "error: could not save the adapter" in out.err and "Traceback" not in out.err
