@@ -7,6 +7,7 @@ worker is left with a long file at the end.
 """
 
 import os
+import shutil
 import tempfile
 
 from tune_lfm.teardown import skip_collection_at_exit
@@ -16,7 +17,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # two workers on two cores: more torch threads only oversubscribe
-os.environ["TUNE_LFM_CACHE"] = tempfile.mkdtemp(prefix="tune_lfm_test_cache_")
+CACHE = tempfile.mkdtemp(prefix="tune_lfm_test_cache_")  # atlases and prepared data, this process's own
+os.environ["TUNE_LFM_CACHE"] = CACHE
 skip_collection_at_exit()  # the workers hold the training stack too; they end with the suite
 
 
@@ -29,6 +31,10 @@ many trials, lead, and every other file takes a second or two, so the last ones 
 finish together. The README's job (two trials at a time: both cores) goes to one worker while the other runs the
 drills that train one trial at a time and wait on processes and sockets between steps (S3, faults, checkpoints,
 interrupts); run beside each other, those drills often left a core idle (benchmarks/RESULTS.md)."""
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(CACHE, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):
