@@ -22,11 +22,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .config import ConfigError
+from .scratch import make_scratch_dir
 
 KEEP_ADAPTERS = ("all", "pareto", "none")
 TRIAL_FILE = "tune_lfm_trial.json"
@@ -136,7 +136,7 @@ def trial_resume(every: int | None, before_report: Callable[[], None]) -> Resume
     resume = Resume(every, save)
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
-        local = checkpoint.to_directory(tempfile.mkdtemp(prefix="tune_lfm_resume_"))
+        local = checkpoint.to_directory(make_scratch_dir("tune_lfm_resume_"))
         if os.path.isfile(os.path.join(local, HISTORY_FILE)):
             with open(os.path.join(local, HISTORY_FILE)) as handle:
                 resume.start, resume.history = local, json.load(handle)

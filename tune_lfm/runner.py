@@ -16,7 +16,6 @@ import logging
 import os
 import shutil
 import socket
-import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -29,6 +28,7 @@ from .faults import fire, fire_after_step, injected_fault
 from .interrupts import Interrupts
 from .planning import Plan, heaviest, longest_first, with_hub_layers
 from .results import ExperimentRecord, StorageError
+from .scratch import scratch_dir
 from .spaces import PlannedTrial, Sweep, config_id, scale_metadata, scaled_config
 from .teardown import skip_collection_at_exit
 from .trackers import tracker_callbacks
@@ -226,7 +226,7 @@ def trainable(params: dict[str, Any]) -> None:
 
     keep_adapter = params.get("_keep_adapters", "all") != "none"
     resume = trial_resume(params.get("_checkpoint_every"), before_report=steps.send)
-    with tempfile.TemporaryDirectory(prefix="tune_lfm_adapter_") as adapter_dir:
+    with scratch_dir("tune_lfm_adapter_") as adapter_dir:
         try:
             result = run_trial(config, reporter=report_step, log=lambda line: print(line, flush=True),
                                gpu_share=ray.get_runtime_context().get_assigned_resources().get("GPU"),

@@ -16,7 +16,6 @@ import math
 import os
 from pathlib import Path
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from .config import (FIELD_NAMES, FIELD_TYPES, ConfigError, TrialConfig, config_from_dict, field_docs,
                      load_config_file, parse_set_pairs, parse_value, type_name)
 from .progress import StepProgress
+from .scratch import scratch_dir
 from .spaces import scale_metadata, scaled_config
 from .targets import ResolvedTargets, parse_layers_arg, parse_targets_arg
 from .teardown import skip_collection_at_exit
@@ -355,7 +355,7 @@ def run_trial(config: TrialConfig, reporter: Reporter | None = None, save_adapte
     callbacks = [recorder, _checkpoint_forwarder(resume, recorder)] if resume else [recorder]
     optimizer = build_optimizer(config.optimizer, model.parameters(), config.learning_rate, config.weight_decay)
     onednn = contextlib.nullcontext(False) if config.torch_compile else linears_on_onednn(model)
-    with onednn as on_onednn, tempfile.TemporaryDirectory(prefix="tune_lfm_trial_") as output_dir:
+    with onednn as on_onednn, scratch_dir("tune_lfm_trial_") as output_dir:
         trainer = SFTTrainer(model=model, args=_sft_config(config, plan, packing, output_dir, bf16,
                                                            resume.every if resume else None),
                              train_dataset=Dataset.from_list(data.train), processing_class=tokenizer,
