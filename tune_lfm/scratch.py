@@ -34,20 +34,17 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_ended() -> list[str]:
-    """Remove the scratch directories of this host's processes that no longer run; returns what was removed."""
-    removed = []
+def _remove_ended() -> None:
+    """Remove the scratch directories of this host's processes that no longer run."""
     for path in glob.glob(f"{glob.escape(_owner_prefix())}*"):
         pid = path.rsplit("_", 1)[-1]
         if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    return removed
 
 
 @functools.cache
 def _process_dir() -> str:
-    remove_ended()
+    _remove_ended()
     path = f"{_owner_prefix()}{os.getpid()}"
     os.makedirs(path, exist_ok=True)
     atexit.register(_remove_own, path, os.getpid())
