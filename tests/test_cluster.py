@@ -265,22 +265,38 @@ def test_sweep_yaml_cannot_run_code(tmp_path):
     assert not marker.exists()
 
 
-LISTENERS = """
-import json, os, psutil, ray
+LISTENING = ("gcs_server", "raylet", "dashboard.py", "DashboardAgent")
+"""Ray's processes that serve on a port; the dashboard's API server starts after `ray.init` returns."""
+LISTENERS = f"""
+import json, os, time, psutil, ray
 from tune_lfm.runner import connect_ray
 connect_ray(None)
 ray.get(ray.remote(lambda: os.getpid()).remote())  # a worker process too
 me = psutil.Process()
-found = []
-for process in [me, *me.children(recursive=True)]:
-    try:
-        name = " ".join(process.cmdline())[:120]
-        sockets = process.net_connections(kind="inet") if hasattr(process, "net_connections") else process.connections(
-            kind="inet")  # psutil < 6 (olah, in the test extra, pins 5.9)
-        found += [[name, c.laddr.ip, c.laddr.port] for c in sockets if c.status == "LISTEN"]
-    except psutil.Error:
-        pass
-print(json.dumps(found))
+
+
+def listeners():
+    found = []
+    for process in [me, *me.children(recursive=True)]:
+        try:
+            name = " ".join(process.cmdline())[:120]
+            sockets = process.net_connections(kind="inet") if hasattr(process, "net_connections") else \\
+                process.connections(kind="inet")  # psutil < 6 (olah, in the test extra, pins 5.9)
+            found += [[name, c.laddr.ip, c.laddr.port] for c in sockets if c.status == "LISTEN"]
+        except psutil.Error:
+            pass
+    return found
+
+
+def all_listening():
+    names = " ".join(name for name, _, _ in listeners())
+    return all(part in names for part in {LISTENING!r})
+
+
+deadline = time.time() + 60  # on a busy machine the last of them may come up seconds later
+while not all_listening() and time.time() < deadline:
+    time.sleep(0.5)
+print(json.dumps(listeners()))
 ray.shutdown()
 """
 
@@ -296,7 +312,7 @@ def test_local_ray_listens_on_loopback_only():
     assert out.returncode == 0, out.stderr[-3000:]
     listeners = json.loads(out.stdout.strip().splitlines()[-1])
     names = " ".join(name for name, _, _ in listeners)
-    assert all(part in names for part in ("gcs_server", "raylet", "dashboard.py", "DashboardAgent")), names
+    assert all(part in names for part in LISTENING), names
     outside = [item for item in listeners if item[1] not in ("127.0.0.1", "::1", "::ffff:127.0.0.1")]
     assert not outside, outside
 
