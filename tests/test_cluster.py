@@ -266,7 +266,7 @@ def test_sweep_yaml_cannot_run_code(tmp_path):
 
 
 LISTENING = ("gcs_server", "raylet", "dashboard.py", "DashboardAgent")
-"""Ray's processes that serve on a port; the dashboard's API server starts after `ray.init` returns."""
+"""Ray's processes that serve on a port (dashboard.py: its metrics server, which may open after `ray.init` returns)."""
 LISTENERS = f"""
 import json, os, time, psutil, ray
 from tune_lfm.runner import connect_ray
@@ -308,7 +308,10 @@ def test_local_ray_listens_on_loopback_only():
     import aiohttp  # noqa: F401  - ray[default] is installed: the dashboard runs in full, metrics exporter included
     import prometheus_client  # noqa: F401
 
-    out = subprocess.run([sys.executable, "-c", LISTENERS], capture_output=True, text=True, timeout=300, env=ENV)
+    # The dashboard's metrics server binds one fixed port (44227) on every Ray; the Ray of a sweep in the other test
+    # worker may hold it, and then this one's never listens. Its own port keeps the check about this Ray alone.
+    env = {**ENV, "DASHBOARD_METRIC_PORT": str(local_cluster_module().free_port())}
+    out = subprocess.run([sys.executable, "-c", LISTENERS], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     listeners = json.loads(out.stdout.strip().splitlines()[-1])
     names = " ".join(name for name, _, _ in listeners)
